@@ -1,0 +1,3 @@
+from hetero_testnet.cli import main
+
+main()

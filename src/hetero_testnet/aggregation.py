@@ -1,0 +1,156 @@
+"""The exact masked average of heterogeneous gradients, on plain tensors (no processes).
+
+Rule (HeteroFL's holders-only average, weighted by tokens as in FjORD): every element of every
+parameter is averaged over the clients that computed it, weighted by the number of tokens each
+trained. A client that trained T_i tokens holds the gradient g_i of its *mean* loss, so it
+contributes T_i * g_i; the average is
+
+    g = sum_i T_i * m_i * g_i  /  sum_i T_i * m_i          (m_i = 1 where client i computed)
+
+which is exactly the gradient of the mean loss over every token that computed that element,
+whatever the batch split. Where no client computed an element (count 0) the average is 0 and the
+element's update mask is False: the optimizer leaves it, and its moments, untouched.
+
+Only FFN neurons differ between clients, so the counts are small: one total token count for
+every non-FFN parameter and one count per (layer, FFN neuron). Gradients and counts travel in one
+float32 buffer, so a step needs a single all-reduce (SUM); float32 counts are exact up to 2**24
+tokens per step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+    ffn_layer: int | None
+    """Layer index for FFN matrices (their neurons can differ between clients), else None."""
+    neuron_dim: int
+    """0 for gate/up (neurons are rows), 1 for down (neurons are columns); unused otherwise."""
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where each parameter's gradient and the counts live in the flat exchange buffer.
+
+    Buffer: [grads of every parameter, in `named_parameters` order][total tokens][per-layer
+    per-neuron token counts, (num_layers * intermediate)]. Identical on every client because
+    every client holds the same full-shape model.
+    """
+
+    slots: tuple[ParamSlot, ...]
+    num_layers: int
+    intermediate_size: int
+    grad_numel: int
+
+    @property
+    def count_offset(self) -> int:
+        return self.grad_numel
+
+    @property
+    def total_numel(self) -> int:
+        return self.grad_numel + 1 + self.num_layers * self.intermediate_size
+
+
+def build_layout(named_shapes: list[tuple[str, tuple[int, ...]]], num_layers: int,
+                 intermediate_size: int) -> BufferLayout:
+    slots = []
+    offset = 0
+    for name, shape in named_shapes:
+        numel = 1
+        for d in shape:
+            numel *= d
+        m = _FFN_PARAM.match(name)
+        layer = int(m.group(1)) if m else None
+        neuron_dim = 1 if (m and m.group(2) == "down") else 0
+        slots.append(ParamSlot(name, tuple(shape), offset, numel, layer, neuron_dim))
+        offset += numel
+    return BufferLayout(tuple(slots), num_layers, intermediate_size, offset)
+
+
+def layout_for_model(model: torch.nn.Module, num_layers: int, intermediate_size: int) -> BufferLayout:
+    return build_layout([(n, tuple(p.shape)) for n, p in model.named_parameters()], num_layers,
+                        intermediate_size)
+
+
+def grad_views(buffer: torch.Tensor, layout: BufferLayout) -> dict[str, torch.Tensor]:
+    """Views of the buffer shaped like each parameter: install them as `p.grad` so backward
+    accumulates straight into the exchange buffer (no copy before or after the all-reduce)."""
+    return {s.name: buffer[s.offset: s.offset + s.numel].view(s.shape) for s in layout.slots}
+
+
+def pack_contribution(buffer: torch.Tensor, layout: BufferLayout, neuron_masks: torch.Tensor,
+                      tokens: int) -> torch.Tensor:
+    """Scale the gradients in `buffer` by this client's token count T and write its counts.
+
+    `buffer[:grad_numel]` holds the gradient of the client's mean loss (via `grad_views`).
+    `neuron_masks` is (num_layers, intermediate) bool: which FFN neurons this client computed;
+    its gradients outside the mask are already exactly zero (the model guarantees it).
+    """
+    scale = float(tokens)
+    buffer[:layout.grad_numel].mul_(scale)
+    c = layout.count_offset
+    buffer[c] = scale
+    buffer[c + 1:layout.total_numel].copy_(neuron_masks.reshape(-1).to(buffer.dtype) * scale)
+    return buffer
+
+
+def _neuron_view(counts: torch.Tensor, slot: ParamSlot) -> torch.Tensor:
+    """Per-neuron counts (I,) shaped to broadcast over the parameter: (I, 1) rows or (1, I) columns."""
+    return counts.view(-1, 1) if slot.neuron_dim == 0 else counts.view(1, -1)
+
+
+def apply_average(buffer: torch.Tensor, layout: BufferLayout) -> dict[str, torch.Tensor | None]:
+    """Turn an all-reduced (summed) buffer into averaged gradients, in place.
+
+    Returns the update mask per parameter: None where every element was computed by someone,
+    else a bool tensor broadcastable to the parameter (False = nobody computed it this step).
+    """
+    c = layout.count_offset
+    total = float(buffer[c])
+    neuron_counts = buffer[c + 1:layout.total_numel].view(layout.num_layers, layout.intermediate_size).clone()
+    masks: dict[str, torch.Tensor | None] = {}
+    for slot in layout.slots:
+        grad = buffer[slot.offset: slot.offset + slot.numel].view(slot.shape)
+        if slot.ffn_layer is None:
+            if total > 0:
+                grad.div_(total)
+            else:
+                grad.zero_()
+            masks[slot.name] = None
+            continue
+        counts = neuron_counts[slot.ffn_layer]
+        held = counts > 0
+        # Elements nobody computed have a summed gradient of exactly 0: dividing by max(count, 1)
+        # leaves them 0, so one division serves both cases.
+        grad.div_(_neuron_view(counts.clamp(min=1.0), slot))
+        masks[slot.name] = None if bool(held.all()) else _neuron_view(held, slot)
+    return masks
+
+
+def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, deterministic split of `numel` elements over ranks (for the norm computation)."""
+    per = numel // world_size
+    extra = numel % world_size
+    start = rank * per + min(rank, extra)
+    return start, start + per + (1 if rank < extra else 0)
+
+
+def sum_of_squares(buffer: torch.Tensor, start: int, end: int) -> float:
+    """Sum of squares in float64 of a slice, chunked to bound the temporary."""
+    total = 0.0
+    chunk = 1 << 22
+    for s in range(start, end, chunk):
+        piece = buffer[s:min(end, s + chunk)].to(torch.float64)
+        total += float(torch.dot(piece, piece))
+    return total

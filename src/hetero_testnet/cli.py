@@ -1,0 +1,76 @@
+"""The `testnet` command line: parse, load config, call one function per command, map errors.
+
+`main()` is the only place that catches `HeteroTestnetError`: it prints `error: <message>` (and a
+`hint:`) on stderr and exits 2 for bad input, 1 for a failed run, 130 for Ctrl-C. Tracebacks are
+shown only with `--debug` (or HETERO_TESTNET_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from hetero_testnet.errors import HeteroTestnetError
+
+app = typer.Typer(
+    name="testnet",
+    help="Heterogeneous (MatFormer-tier) distributed training on a local testnet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register_subcommands() -> None:
+    """Each command group lives in its own module; imported here so `--help` lists them all."""
+    from hetero_testnet import cli_data, cli_single
+
+    app.add_typer(cli_data.data_app, name="data")
+    cli_single.register(app)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("HETERO_TESTNET_DEBUG") == "1"
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    debug = _debug_requested(argv)
+    if "--debug" in argv:
+        sys.argv.remove("--debug")
+    try:
+        _register_subcommands()
+        app(standalone_mode=False)
+    except HeteroTestnetError as e:
+        if debug:
+            raise
+        _fail(str(e), e.hint, e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", None, 130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors arrive here too
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            _fail("interrupted", None, 130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e}", "rerun with --debug for the traceback", 1)
+    sys.exit(0)
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"error: {first_line}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.exit(code)

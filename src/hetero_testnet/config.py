@@ -1,0 +1,386 @@
+"""Run configuration: frozen, validated dataclasses loaded from YAML or a Psyche `state.toml`.
+
+The YAML layout mirrors Psyche's `state.toml` field for field (`config.*` timing and membership,
+`model.LLM.*` for the model, data, LR schedule and optimizer) so a Psyche user can read it, plus
+our own sections (`seed`, `model.LLM.architecture_config`, `validation`). A Psyche `state.toml`
+loads unchanged. Every unknown or invalid field is a `ConfigError` naming its dotted path.
+
+Relative data paths are resolved against the directory of the config file, so a config
+directory can be moved together with its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hetero_testnet.errors import ConfigError
+
+CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "state.toml")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """LLaMA-style NanoGPT dimensions (Hugging Face Llama names)."""
+
+    vocab_size: int = 50257
+    """GPT-2 vocabulary; token ids must be below it."""
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    """FFN width of tier 0; tier t computes the first `intermediate_size >> t` neurons."""
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    max_seq_len: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_seq_len"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 "model.hidden_size must be divisible by model.num_attention_heads")
+        _require((self.hidden_size // self.num_attention_heads) % 2 == 0,
+                 "model head dim (hidden_size / num_attention_heads) must be even for RoPE")
+        _require(self.rms_norm_eps > 0 and self.init_std > 0 and self.rope_theta > 0,
+                 "model.rms_norm_eps, init_std and rope_theta must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LRScheduleConfig:
+    """Psyche's cosine schedule with linear warmup, indexed by step."""
+
+    base_lr: float = 6.0e-4
+    warmup_steps: int = 50
+    warmup_init_lr: float = 0.0
+    total_steps: int = 100
+    final_lr: float = 6.0e-5
+
+    def __post_init__(self) -> None:
+        _require(self.base_lr > 0, "lr_schedule.base_lr must be > 0")
+        _require(self.warmup_steps >= 0, "lr_schedule.warmup_steps must be >= 0")
+        _require(self.total_steps >= 1, "lr_schedule.total_steps must be >= 1")
+        _require(self.final_lr >= 0 and self.warmup_init_lr >= 0,
+                 "lr_schedule.final_lr and warmup_init_lr must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerConfig:
+    """AdamW as in Psyche's `[model.LLM.optimizer.AdamW]`; clip is by global L2 norm (0 = off)."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1.0e-8
+    clip_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                 "optimizer.betas must be two numbers in [0, 1)")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _require(self.eps > 0, "optimizer.eps must be > 0")
+        _require(self.clip_grad_norm >= 0, "optimizer.clip_grad_norm must be >= 0 (0 disables)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Where training and validation tokens come from."""
+
+    train_dir: Path
+    """Directory of `*.bin` shards (modded-nanogpt header or raw uint16)."""
+    train_pattern: str = "*_train_*.bin"
+    """Glob selecting training shards in `train_dir`, read in name order."""
+    val_dir: Path | None = None
+    """Directory of validation shards; defaults to `train_dir`."""
+    val_pattern: str = "*_val_*.bin"
+    val_samples: int = 32
+    """Held-out sequences every validation uses (the same ones every time)."""
+    eval_every: int = 0
+    """Validate the full model and every tier present every N steps (0 = only at the end)."""
+
+    def __post_init__(self) -> None:
+        _require(self.val_samples >= 1, "validation.num_samples must be >= 1")
+        _require(self.eval_every >= 0, "validation.eval_every must be >= 0")
+
+    @property
+    def resolved_val_dir(self) -> Path:
+        return self.val_dir if self.val_dir is not None else self.train_dir
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunTimingConfig:
+    """Psyche's `[config]` table. Times are deadlines for stragglers, never waits."""
+
+    warmup_time: float = 5.0
+    cooldown_time: float = 5.0
+    max_round_train_time: float = 30.0
+    """A round not reported by every member within this many seconds is discarded."""
+    round_witness_time: float = 3.0
+    epoch_time: float = 60.0
+    total_steps: int = 100
+    min_clients: int = 3
+    init_min_clients: int = 3
+    global_batch_size_start: int = 12
+    global_batch_size_end: int = 12
+    global_batch_size_warmup_tokens: int = 0
+    verification_percent: int = 0
+    witness_nodes: int = 1
+    waiting_for_members_extra_time: float = 3.0
+    waiting_for_members_timeout: float = 120.0
+    """Ours: how long a run below `min_clients` waits for members before it fails."""
+
+    def __post_init__(self) -> None:
+        _require(self.total_steps >= 1, "config.total_steps must be >= 1")
+        _require(self.min_clients >= 1, "config.min_clients must be >= 1")
+        _require(self.init_min_clients >= self.min_clients,
+                 "config.init_min_clients must be >= config.min_clients")
+        _require(self.global_batch_size_start >= 1 and self.global_batch_size_end >= 1,
+                 "config.global_batch_size_start/_end must be >= 1")
+        _require(self.global_batch_size_warmup_tokens >= 0,
+                 "config.global_batch_size_warmup_tokens must be >= 0")
+        for name in ("warmup_time", "cooldown_time", "max_round_train_time", "epoch_time",
+                     "waiting_for_members_timeout"):
+            _require(getattr(self, name) > 0, f"config.{name} must be > 0")
+
+    def global_batch_size(self, tokens_seen: int) -> int:
+        """Sequences per step; ramps linearly start -> end over the warmup tokens (Psyche)."""
+        if self.global_batch_size_warmup_tokens == 0 or tokens_seen >= self.global_batch_size_warmup_tokens:
+            return self.global_batch_size_end
+        frac = tokens_seen / self.global_batch_size_warmup_tokens
+        start, end = self.global_batch_size_start, self.global_batch_size_end
+        return max(1, round(start + (end - start) * frac))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """Everything a run needs; `source` is the file it came from (for logs)."""
+
+    run_id: str
+    seed: int = 1337
+    timing: RunTimingConfig = field(default_factory=RunTimingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass inside a client (0 = the whole local batch at once)."""
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_id), "run_id must not be empty")
+        _require(self.micro_batch_size >= 0, "model.LLM.micro_batch_size must be >= 0")
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_total_steps(self, total_steps: int) -> "RunConfig":
+        """Change the run length; the LR schedule's horizon follows (as Psyche configs keep them equal)."""
+        if total_steps < 1:
+            raise ConfigError(f"--total-steps must be >= 1 (got {total_steps})")
+        return self.replace(
+            timing=dataclasses.replace(self.timing, total_steps=total_steps),
+            lr_schedule=dataclasses.replace(self.lr_schedule, total_steps=total_steps),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML layout again (paths as strings), for `config.yaml` in a run's logs."""
+        timing = dataclasses.asdict(self.timing)
+        llm: dict[str, Any] = {
+            "architecture": "HfNanoGPT",
+            "data_type": "Pretraining",
+            "max_seq_len": self.model.max_seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "data_location": {"Local": str(self.data.train_dir)},
+            "train_pattern": self.data.train_pattern,
+            "architecture_config": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "max_seq_len"},
+            "lr_schedule": {"Cosine": dataclasses.asdict(self.lr_schedule)},
+            "optimizer": {"AdamW": {**dataclasses.asdict(self.optimizer), "betas": list(self.optimizer.betas)}},
+        }
+        validation = {
+            "data_location": {"Local": str(self.data.resolved_val_dir)},
+            "pattern": self.data.val_pattern,
+            "num_samples": self.data.val_samples,
+            "eval_every": self.data.eval_every,
+        }
+        return {"run_id": self.run_id, "seed": self.seed, "config": timing,
+                "model": {"LLM": llm}, "validation": validation}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- loading
+
+def find_config_file(path: Path) -> Path:
+    """A config file, or the first of CONFIG_FILE_NAMES inside a directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in CONFIG_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(f"no {' or '.join(CONFIG_FILE_NAMES)} in config directory {path}")
+    if not path.exists():
+        raise ConfigError(f"config path {path} does not exist")
+    return path
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML config or a Psyche `state.toml` (file or directory)."""
+    file = find_config_file(Path(path))
+    text = _read_text(file)
+    try:
+        raw = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        detail = str(e).replace("\n", " ")
+        raise ConfigError(f"malformed config {file}: {detail}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {file} must be a mapping at the top level")
+    return parse_run_config(raw, base_dir=file.parent.resolve(), source=file)
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {file}: {e}") from e
+
+
+class _Fields:
+    """Pops fields from a mapping by dotted path, so leftovers can be reported as unknown."""
+
+    def __init__(self, raw: Any, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config field {path or '<top>'} must be a mapping")
+        self.raw = dict(raw)
+        self.path = path
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def section(self, key: str) -> "_Fields":
+        return _Fields(self.raw.pop(key, None), self._name(key))
+
+    def one_of(self, key: str, variant: str) -> "_Fields":
+        """A Psyche enum table like `lr_schedule.Cosine`: only `variant` is supported."""
+        sub = self.section(key)
+        if not sub.raw:
+            return sub
+        if set(sub.raw) != {variant}:
+            raise ConfigError(f"config field {sub.path} must be {{{variant}: ...}} "
+                              f"(got {', '.join(map(str, sub.raw))})")
+        return sub.section(variant)
+
+    def take(self, key: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
+        if key not in self.raw:
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"config field {self._name(key)} is required")
+            return default
+        value = self.raw.pop(key)
+        return _coerce(value, kind, self._name(key))
+
+    def done(self) -> None:
+        if self.raw:
+            unknown = ", ".join(self._name(str(k)) for k in self.raw)
+            raise ConfigError(f"unknown config field {unknown}")
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is tuple and isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return tuple(float(v) for v in value)
+    if kind is dict and isinstance(value, dict):
+        return value
+    raise ConfigError(f"config field {name} must be {kind.__name__} (got {value!r})")
+
+
+def _dataclass_from(cls: type, fields: _Fields, names: dict[str, type]) -> Any:
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    kwargs = {n: fields.take(n, kind, defaults.get(n, dataclasses.MISSING)) for n, kind in names.items()}
+    fields.done()
+    return cls(**kwargs)
+
+
+def _location(fields: _Fields, key: str, base_dir: Path, default: Path | None) -> Path | None:
+    """Psyche's `data_location = { Local = "dir" }` (a plain string is accepted too)."""
+    if key not in fields.raw:
+        return default
+    value = fields.raw.pop(key)
+    if isinstance(value, dict) and set(value) == {"Local"} and isinstance(value["Local"], str):
+        value = value["Local"]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config field {fields._name(key)} must be {{Local: <directory>}}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+_TIMING_FIELDS = {f.name: (int if f.type in ("int", int) else float) for f in dataclasses.fields(RunTimingConfig)}
+_MODEL_FIELDS = {f.name: (int if f.type in ("int", int) else float)
+                 for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_len"}
+_LR_FIELDS = {"base_lr": float, "warmup_steps": int, "warmup_init_lr": float, "total_steps": int, "final_lr": float}
+_OPT_FIELDS = {"betas": tuple, "weight_decay": float, "eps": float, "clip_grad_norm": float}
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
+
+
+def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> RunConfig:
+    top = _Fields(raw, "")
+    run_id = top.take("run_id", str)
+    seed = top.take("seed", int, 1337)
+    timing = _dataclass_from(RunTimingConfig, top.section("config"), _TIMING_FIELDS)
+
+    model_section = top.section("model")
+    llm = model_section.section("LLM")
+    model_section.done()
+    llm.take("architecture", str, "HfNanoGPT")
+    data_type = llm.take("data_type", str, "Pretraining")
+    if data_type != "Pretraining":
+        raise ConfigError(f"config field model.LLM.data_type must be Pretraining (got {data_type!r})")
+    max_seq_len = llm.take("max_seq_len", int, 512)
+    micro_batch_size = llm.take("micro_batch_size", int, 0)
+    train_dir = _location(llm, "data_location", base_dir, None)
+    train_pattern = llm.take("train_pattern", str, DataConfig.__dataclass_fields__["train_pattern"].default)
+    # Psyche's initial checkpoint: ours is built from the seed (`testnet init`), so it is read and ignored.
+    llm.section("checkpoint")
+    model = _dataclass_from(ModelConfig, llm.section("architecture_config"), _MODEL_FIELDS)
+    model = dataclasses.replace(model, max_seq_len=max_seq_len)
+    lr = _dataclass_from(LRScheduleConfig, llm.one_of("lr_schedule", "Cosine"), _LR_FIELDS)
+    opt = _dataclass_from(OptimizerConfig, llm.one_of("optimizer", "AdamW"), _OPT_FIELDS)
+    llm.done()
+
+    val = top.section("validation")
+    if train_dir is None:
+        train_dir = DEFAULT_DATA_DIR
+    val_dir = _location(val, "data_location", base_dir, None)
+    data = DataConfig(
+        train_dir=train_dir,
+        train_pattern=train_pattern,
+        val_dir=val_dir,
+        val_pattern=val.take("pattern", str, DataConfig.__dataclass_fields__["val_pattern"].default),
+        val_samples=val.take("num_samples", int, 32),
+        eval_every=val.take("eval_every", int, 0),
+    )
+    val.done()
+    top.done()
+    return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
+                     optimizer=opt, micro_batch_size=micro_batch_size, source=source)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,325 @@
+"""The control protocol between coordinator and clients: typed messages as length-prefixed JSON.
+
+Wire format: a 4-byte big-endian length, then that many bytes of UTF-8 JSON
+`{"v": PROTOCOL_VERSION, "type": <message type>, ...fields}`. Messages larger than
+`MAX_MESSAGE_BYTES` are refused before they are read, a different `v` or an unknown type or
+field is a `ProtocolError`. Tensors never travel here (they go through torch.distributed
+collectives) and nothing is ever unpickled.
+
+Flow of one step (the coordinator decides, clients compute):
+
+    coordinator -> client   Round(step, lr, data range)        client trains, all-reduces
+    client -> coordinator   Reduced(step, metrics)             every member, or a deadline
+    coordinator -> client   Commit(step) | Discard(step)        a vote: all apply or none
+    client -> coordinator   Applied(step, checksum)            replicas compared
+
+Membership changes go through `Generation` (a new process group under a fresh store prefix,
+with an optional state broadcast for joiners) answered by `GroupReady`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hetero_testnet.errors import PeerLostError, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+
+
+@dataclass(kw_only=True)
+class Message:
+    type: ClassVar[str] = ""
+
+
+# ----------------------------------------------------------------- client -> coordinator
+
+@dataclass(kw_only=True)
+class Hello(Message):
+    """First message of a connection. `token` proves the client belongs to this run."""
+
+    type: ClassVar[str] = "hello"
+    token: str
+    client_id: int | None
+    tier: int
+    helper_fraction: float = 0.0
+    helper_rotation_interval: int = 16
+    pid: int = 0
+    host: str = ""
+    device: str = "cpu"
+    threads: int = 1
+    incarnation: str = ""
+
+
+@dataclass(kw_only=True)
+class GroupReady(Message):
+    type: ClassVar[str] = "group_ready"
+    generation: int
+    step: int
+    checksum: str
+    form_time_s: float = 0.0
+
+
+@dataclass(kw_only=True)
+class Reduced(Message):
+    """A client finished its share of a step and the all-reduce; nothing is applied yet."""
+
+    type: ClassVar[str] = "reduced"
+    step: int
+    generation: int
+    loss: float | None
+    tokens: int
+    trained_batches: int
+    ffn_width: int
+    helper_neurons: int
+    compute_time_s: float
+    exchange_time_s: float
+    grad_norm: float
+    nan_inf: bool
+    rss_mb: float
+
+
+@dataclass(kw_only=True)
+class Applied(Message):
+    type: ClassVar[str] = "applied"
+    step: int
+    checksum: str
+    apply_time_s: float
+
+
+@dataclass(kw_only=True)
+class RoundFailed(Message):
+    """The client could not finish a step (a failed collective, an error); it waits for orders."""
+
+    type: ClassVar[str] = "round_failed"
+    step: int
+    generation: int
+    reason: str
+
+
+@dataclass(kw_only=True)
+class EvalResult(Message):
+    type: ClassVar[str] = "eval_result"
+    step: int
+    results: list[dict[str, Any]]
+
+
+@dataclass(kw_only=True)
+class Saved(Message):
+    type: ClassVar[str] = "saved"
+    step: int
+    path: str
+    checksum: str
+
+
+# ----------------------------------------------------------------- coordinator -> client
+
+@dataclass(kw_only=True)
+class Welcome(Message):
+    type: ClassVar[str] = "welcome"
+    run_id: str
+    client_id: int
+    config: dict[str, Any]
+    seed: int
+    store_host: str
+    store_port: int
+    backend: str
+    sync: str
+    initial_checkpoint: str | None = None
+    fault: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Reject(Message):
+    type: ClassVar[str] = "reject"
+    reason: str
+
+
+@dataclass(kw_only=True)
+class Generation(Message):
+    """Form a new process group. `state_source_rank` broadcasts its state when someone is behind."""
+
+    type: ClassVar[str] = "generation"
+    generation: int
+    rank: int
+    world_size: int
+    members: list[int]
+    step: int
+    state_source_rank: int | None
+    timeout_s: float
+
+
+@dataclass(kw_only=True)
+class Round(Message):
+    type: ClassVar[str] = "round"
+    step: int
+    epoch: int
+    generation: int
+    lr: float
+    sample_start: int
+    sample_count: int
+
+
+@dataclass(kw_only=True)
+class Commit(Message):
+    type: ClassVar[str] = "commit"
+    step: int
+    lr: float
+
+
+@dataclass(kw_only=True)
+class Discard(Message):
+    type: ClassVar[str] = "discard"
+    step: int
+    reason: str
+
+
+@dataclass(kw_only=True)
+class Evaluate(Message):
+    """Validate the current model at these tiers (tier 0 is the full model)."""
+
+    type: ClassVar[str] = "evaluate"
+    step: int
+    tiers: list[int]
+
+
+@dataclass(kw_only=True)
+class SaveCheckpoint(Message):
+    type: ClassVar[str] = "save_checkpoint"
+    step: int
+    path: str
+    meta: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class Dropped(Message):
+    """The coordinator removed this client (e.g. it missed a deadline); it may rejoin."""
+
+    type: ClassVar[str] = "dropped"
+    reason: str
+
+
+@dataclass(kw_only=True)
+class Ping(Message):
+    """Sent to every client every few seconds, so a silent coordinator is noticed in bounded time."""
+
+    type: ClassVar[str] = "ping"
+    state: str = ""
+
+
+@dataclass(kw_only=True)
+class Shutdown(Message):
+    type: ClassVar[str] = "shutdown"
+    reason: str
+    status: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Hello, GroupReady, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
+                Generation, Round, Commit, Discard, Evaluate, SaveCheckpoint, Dropped, Ping, Shutdown)
+}
+
+
+# ----------------------------------------------------------------- encoding
+
+def encode(message: Message) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "type": message.type, **dataclasses.asdict(message)}
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{message.type} message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return _HEADER.pack(len(data)) + data
+
+
+def decode_body(data: bytes) -> Message:
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"malformed message: {e}") from e
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed message: not a JSON object")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this is {PROTOCOL_VERSION})")
+    cls = MESSAGE_TYPES.get(body.pop("type", None))
+    if cls is None:
+        raise ProtocolError("unknown message type")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(body) - names
+    if unknown:
+        raise ProtocolError(f"unknown field(s) {sorted(unknown)} in {cls.type} message")
+    try:
+        return cls(**body)
+    except TypeError as e:
+        raise ProtocolError(f"bad {cls.type} message: {e}") from e
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {length} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    return length
+
+
+HEADER_BYTES = _HEADER.size
+
+
+def sanitize_float(x: float | None) -> float | None:
+    """JSON has no NaN/Inf: they travel as None (and are counted by the sender)."""
+    if x is None or x != x or x in (float("inf"), float("-inf")):
+        return None
+    return float(x)
+
+
+class Connection:
+    """A blocking, framed connection (the client side). Every receive has a deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout_s: float) -> "Connection":
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as e:
+            raise PeerLostError(f"cannot reach coordinator at {host}:{port}: {e}") from e
+        return cls(sock)
+
+    def send(self, message: Message) -> None:
+        try:
+            self.sock.sendall(encode(message))
+        except OSError as e:
+            raise PeerLostError(f"connection to coordinator lost while sending: {e}") from e
+
+    def _recv_exact(self, n: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < n:
+            chunk = self.sock.recv(n - len(chunks))
+            if not chunk:
+                raise PeerLostError("coordinator closed the connection")
+            chunks += chunk
+        return bytes(chunks)
+
+    def recv(self, timeout_s: float | None) -> Message:
+        """Next message; `PeerLostError` on EOF, reset, or no message within `timeout_s`."""
+        self.sock.settimeout(timeout_s)
+        try:
+            length = frame_length(self._recv_exact(HEADER_BYTES))
+            return decode_body(self._recv_exact(length))
+        except socket.timeout as e:
+            raise PeerLostError(f"no message from the coordinator within {timeout_s:.0f} s") from e
+        except OSError as e:
+            raise PeerLostError(f"connection to coordinator lost: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
