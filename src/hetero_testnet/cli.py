@@ -26,10 +26,11 @@ app = typer.Typer(
 
 def _register_subcommands() -> None:
     """Each command group lives in its own module; imported here so `--help` lists them all."""
-    from hetero_testnet import cli_data, cli_single
+    from hetero_testnet import cli_data, cli_run, cli_single
 
-    app.add_typer(cli_data.data_app, name="data")
+    cli_run.register(app)
     cli_single.register(app)
+    app.add_typer(cli_data.data_app, name="data")
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -80,7 +80,8 @@ class Reduced(Message):
     helper_neurons: int
     compute_time_s: float
     exchange_time_s: float
-    grad_norm: float
+    grad_norm: float | None
+    """None when the averaged gradient is not finite (JSON has no NaN)."""
     nan_inf: bool
     rss_mb: float
 

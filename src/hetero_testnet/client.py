@@ -1,0 +1,361 @@
+"""A client process: trains its share of every step at its MatFormer tier and follows orders.
+
+The client holds the full-shape model, its optimizer state and nothing else of the run: the
+coordinator decides membership, data, LR and whether each step is applied. Per step:
+
+    Round    -> forward/backward on the assigned samples (only this tier's neurons)
+             -> pack T * grad and the neuron counts into one buffer, all-reduce (SUM)
+             -> masked average in place, global norm (sharded, identical on every rank), clip
+             -> Reduced (metrics)
+    Commit   -> MaskedAdamW step (elements nobody computed stay untouched) -> Applied(checksum)
+    Discard  -> nothing was applied; wait for the next generation
+
+Gradients live in one flat buffer (`p.grad` are views of it), so the exchange copies nothing.
+
+Failure semantics: a failed collective is reported as `RoundFailed` and the client waits for a
+new `Generation`. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
+reconnect and rejoin; its state is refreshed by broadcast. A silent or vanished coordinator
+(no message, not even a ping, within `coordinator_timeout_s`) ends the client with exit code 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from hetero_testnet import protocol as P
+from hetero_testnet.aggregation import (BufferLayout, apply_average, grad_views, layout_for_model,
+                                        pack_contribution, shard_bounds, sum_of_squares)
+from hetero_testnet.checkpoint import load_checkpoint, save_checkpoint
+from hetero_testnet.config import RunConfig, parse_run_config
+from hetero_testnet.data import open_split
+from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
+from hetero_testnet.events import format_kv
+from hetero_testnet.exchange import GradientExchange
+from hetero_testnet.matformer import build_neuron_set, ffn_width, neuron_mask
+from hetero_testnet.model import build_model
+from hetero_testnet.optim import MaskedAdamW
+from hetero_testnet.training import evaluate, forward_backward
+
+log = logging.getLogger("hetero_testnet")
+
+
+@dataclass
+class ClientOptions:
+    coordinator_host: str
+    coordinator_port: int
+    token: str
+    tier: int = 0
+    client_id: int | None = None
+    helper_fraction: float = 0.0
+    helper_rotation_interval: int = 16
+    threads: int = 1
+    device: str = "cpu"
+    data_dir: Path | None = None
+    """Override the config's data location (a client on another machine)."""
+    coordinator_timeout_s: float = 15.0
+    connect_timeout_s: float = 20.0
+    fault_latency_ms: tuple[float, float] = (0.0, 0.0)
+    fault_bandwidth_bytes_per_s: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """A bit-exact fingerprint of every parameter (any changed bit changes it).
+
+    Sums of the raw int32 bit patterns, per parameter, hashed together: cheap (one pass, no copy
+    of the model) and independent of thread count, unlike a float sum.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            bits = p.detach().contiguous().view(torch.int32)
+            h.update(name.encode())
+            flat = bits.reshape(-1)
+            for part in (flat, flat[::3], flat[1::7]):  # strided partial sums add position sensitivity
+                h.update(int(part.sum(dtype=torch.int64)).to_bytes(8, "little", signed=True))
+    return h.hexdigest()[:32]
+
+
+class Client:
+    def __init__(self, opts: ClientOptions) -> None:
+        self.opts = opts
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.conn: P.Connection | None = None
+        self.client_id: int | None = opts.client_id
+        self.exchange: GradientExchange | None = None
+        self.step_state: dict[str, Any] | None = None
+        self.applied_step = 0
+        self.step_for_log: int | None = None
+        self.rng = random.Random()
+
+    # ------------------------------------------------------------------ setup
+    def connect(self) -> P.Welcome:
+        o = self.opts
+        self.conn = P.Connection.connect(o.coordinator_host, o.coordinator_port, o.connect_timeout_s)
+        self.conn.send(P.Hello(token=o.token, client_id=self.client_id, tier=o.tier,
+                               helper_fraction=o.helper_fraction, helper_rotation_interval=o.helper_rotation_interval,
+                               pid=os.getpid(), host=socket.gethostname(), device=o.device, threads=o.threads,
+                               incarnation=self.incarnation))
+        reply = self.conn.recv(o.connect_timeout_s)
+        if isinstance(reply, P.Reject):
+            raise ConfigError(f"coordinator refused this client: {reply.reason}")
+        if not isinstance(reply, P.Welcome):
+            raise PeerLostError(f"unexpected first reply {reply.type}")
+        return reply
+
+    def setup(self, welcome: P.Welcome) -> None:
+        self.client_id = welcome.client_id
+        raw = welcome.config
+        if self.opts.data_dir is not None:
+            raw["model"]["LLM"]["data_location"] = {"Local": str(self.opts.data_dir)}
+            raw["validation"]["data_location"] = {"Local": str(self.opts.data_dir)}
+        self.cfg: RunConfig = parse_run_config(raw, base_dir=Path.cwd())
+        self.sync = welcome.sync
+        m = self.cfg.model
+        self.width = ffn_width(m.intermediate_size, self.opts.tier)
+        self.device = torch.device(self.opts.device)
+        self.train_data = open_split(self.cfg.data, "train", m.max_seq_len, m.vocab_size)
+        self.val_data = open_split(self.cfg.data, "val", m.max_seq_len, m.vocab_size)
+        self.model = build_model(m, self.cfg.seed).to(self.device)
+        self.optimizer = MaskedAdamW(list(self.model.named_parameters()), self.cfg.optimizer)
+        if welcome.initial_checkpoint:
+            ckpt = load_checkpoint(Path(welcome.initial_checkpoint))
+            self.model.load_state_dict(ckpt.model_state)
+            if ckpt.optimizer_state is not None:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.applied_step = int(ckpt.meta.get("step", 0))
+        self.layout: BufferLayout = layout_for_model(self.model, m.num_hidden_layers, m.intermediate_size)
+        self.buffer = torch.zeros(self.layout.total_numel, dtype=torch.float32, device=self.device)
+        views = grad_views(self.buffer, self.layout)
+        for name, p in self.model.named_parameters():
+            p.grad = views[name]
+        if self.exchange is None:
+            self.exchange = GradientExchange(welcome.store_host, welcome.store_port, welcome.backend,
+                                             self.opts.connect_timeout_s)
+        self.fault = welcome.fault or {}
+        log.info("joined run %s as client %d: tier %d, ffn width %d, %d threads", welcome.run_id,
+                 self.client_id, self.opts.tier, self.width, torch.get_num_threads())
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        welcome = self.connect()
+        self.setup(welcome)
+        while True:
+            try:
+                message = self.conn.recv(self.opts.coordinator_timeout_s)
+            except PeerLostError as e:
+                log.error("coordinator lost: %s; exiting", e)
+                self._close()
+                return 1
+            if isinstance(message, P.Ping):
+                continue
+            if isinstance(message, P.Shutdown):
+                log.info("shutdown: status=%s reason=%s", message.status, message.reason)
+                self._close()
+                return 0
+            if isinstance(message, P.Dropped):
+                log.warning("dropped by the coordinator (%s); rejoining", message.reason)
+                self._rejoin()
+                continue
+            try:
+                self.handle(message)
+            except PeerLostError as e:
+                log.error("lost the coordinator while reporting: %s; exiting", e)
+                self._close()
+                return 1
+
+    def _rejoin(self) -> None:
+        if self.exchange is not None:
+            self.exchange.destroy()
+        if self.conn is not None:
+            self.conn.close()
+        self.incarnation = uuid.uuid4().hex[:12]
+        welcome = self.connect()
+        self.fault = welcome.fault or {}
+
+    def _close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.destroy()
+        if self.conn is not None:
+            self.conn.close()
+
+    def handle(self, message: P.Message) -> None:
+        if isinstance(message, P.Generation):
+            self.on_generation(message)
+        elif isinstance(message, P.Round):
+            self.on_round(message)
+        elif isinstance(message, P.Commit):
+            self.on_commit(message)
+        elif isinstance(message, P.Discard):
+            log.warning("step %d discarded: %s", message.step, message.reason)
+            self.step_state = None
+        elif isinstance(message, P.Evaluate):
+            self.on_evaluate(message)
+        elif isinstance(message, P.SaveCheckpoint):
+            self.on_save(message)
+        else:
+            log.warning("ignoring unexpected %s message", message.type)
+
+    def on_generation(self, g: P.Generation) -> None:
+        try:
+            form_s = self.exchange.form(g.generation, g.rank, g.world_size, g.timeout_s)
+            if g.state_source_rank is not None:
+                self.sync_state(g.state_source_rank, g.rank == g.state_source_rank)
+                self.applied_step = g.step
+        except PeerLostError as e:
+            self.conn.send(P.RoundFailed(step=g.step, generation=g.generation, reason=str(e)))
+            return
+        log.info("generation %d: rank %d of %d, members %s%s (%.3f s)", g.generation, g.rank, g.world_size,
+                 g.members, "" if g.state_source_rank is None else f", state from rank {g.state_source_rank}",
+                 form_s)
+        self.conn.send(P.GroupReady(generation=g.generation, step=g.step,
+                                    checksum=parameter_checksum(self.model), form_time_s=form_s))
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        params = [p.data for _, p in self.model.named_parameters()]
+        opt = self.optimizer.state_dict()
+        return params + [opt[k] for k in sorted(opt)]
+
+    def sync_state(self, src_rank: int, is_source: bool) -> None:
+        """Broadcast parameters and optimizer state from `src_rank` in one flat buffer."""
+        tensors = self._state_tensors()
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors]) if is_source else \
+            torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=self.device)
+        self.exchange.broadcast(flat, src_rank)
+        if is_source:
+            return
+        opt = self.optimizer.state_dict()
+        keys = sorted(opt)
+        offset = 0
+        with torch.no_grad():
+            for _, p in self.model.named_parameters():
+                p.data.copy_(flat[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+            new_opt = {}
+            for k in keys:
+                t = opt[k]
+                new_opt[k] = flat[offset: offset + t.numel()].view_as(t).to(t.dtype).clone()
+                offset += t.numel()
+        self.optimizer.load_state_dict(new_opt)
+
+    def _inject_network_fault(self) -> None:
+        """Delay the exchange as a slow or distant link would: latency(+jitter) plus bytes / bandwidth."""
+        base_ms = float(self.fault.get("latency_ms", 0.0))
+        jitter_ms = float(self.fault.get("latency_jitter_ms", 0.0))
+        bw = float(self.fault.get("bandwidth_bytes_per_s", 0.0))
+        delay = base_ms / 1000.0 + (self.rng.uniform(0, jitter_ms) / 1000.0 if jitter_ms else 0.0)
+        if bw > 0:
+            delay += self.layout.total_numel * 4 / bw
+        if delay > 0:
+            time.sleep(delay)
+
+    def on_round(self, r: P.Round) -> None:
+        self.step_for_log = r.step
+        m = self.cfg.model
+        neurons = build_neuron_set(m, self.opts.tier, self.opts.helper_fraction, self.opts.helper_rotation_interval,
+                                   self.cfg.seed, r.step)
+        masks = torch.stack([neuron_mask(neurons, m.intermediate_size, layer)
+                             for layer in range(m.num_hidden_layers)])
+        t0 = time.perf_counter()
+        if r.sample_count > 0:
+            tokens = self.train_data.batch(r.sample_start, r.sample_count).to(self.device)
+            loss, n_tokens = forward_backward(self.model, tokens, neurons, self.cfg.micro_batch_size)
+            batches = r.sample_count if self.cfg.micro_batch_size == 0 else -(-r.sample_count // self.cfg.micro_batch_size)
+        else:
+            self.buffer.zero_()
+            loss, n_tokens, batches = float("nan"), 0, 0
+        t1 = time.perf_counter()
+        pack_contribution(self.buffer, self.layout, masks, n_tokens)
+        try:
+            if self.sync == "allreduce":
+                self._inject_network_fault()
+                self.exchange.all_reduce_sum(self.buffer)
+            update_masks = apply_average(self.buffer, self.layout)
+            grad_norm = self._global_grad_norm()
+        except PeerLostError as e:
+            self.step_state = None
+            log.warning("step %d: exchange failed: %s", r.step, e)
+            self.conn.send(P.RoundFailed(step=r.step, generation=r.generation, reason=str(e)))
+            return
+        clip = self.cfg.optimizer.clip_grad_norm
+        if clip > 0 and grad_norm > clip and grad_norm == grad_norm:
+            self.buffer[:self.layout.grad_numel].mul_(clip / (grad_norm + 1e-6))
+        t2 = time.perf_counter()
+        finite_loss = P.sanitize_float(loss)
+        nan_inf = (n_tokens > 0 and finite_loss is None) or not (grad_norm == grad_norm and grad_norm != float("inf"))
+        self.step_state = {"step": r.step, "masks": update_masks}
+        log.info(format_kv("client_loss", {"client_id": self.client_id, "epoch": r.epoch, "step": r.step,
+                                           "matformer_tier": self.opts.tier, "trained_batches": batches,
+                                           "loss": "nan" if finite_loss is None else f"{loss:.4f}"}))
+        self.conn.send(P.Reduced(step=r.step, generation=r.generation, loss=finite_loss, tokens=n_tokens,
+                                 trained_batches=batches, ffn_width=self.width, helper_neurons=neurons.num_helpers,
+                                 compute_time_s=t1 - t0, exchange_time_s=t2 - t1,
+                                 grad_norm=P.sanitize_float(grad_norm),
+                                 nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20))
+
+    def _global_grad_norm(self) -> float:
+        """L2 norm of the averaged gradient, bit-identical on every rank.
+
+        Each rank sums squares over its own contiguous shard in float64 and the per-rank partial
+        sums are all-reduced, so every rank adds the same numbers in the same order.
+        """
+        world = self.exchange.world_size if (self.sync == "allreduce" and self.exchange.active) else 1
+        rank = self.exchange.rank if world > 1 else 0
+        start, end = shard_bounds(self.layout.grad_numel, rank, world)
+        partial = torch.zeros(world, dtype=torch.float64)
+        partial[rank] = sum_of_squares(self.buffer, start, end)
+        if world > 1:
+            self.exchange.all_reduce_sum(partial)
+        total = 0.0
+        for x in partial.tolist():
+            total += x
+        return total ** 0.5
+
+    def on_commit(self, c: P.Commit) -> None:
+        if self.step_state is None or self.step_state["step"] != c.step:
+            raise RunFailedError(f"commit for step {c.step} without a reduced gradient")
+        t0 = time.perf_counter()
+        self.optimizer.step(c.lr, self.step_state["masks"])
+        self.step_state = None
+        self.applied_step = c.step + 1
+        checksum = parameter_checksum(self.model)
+        self.conn.send(P.Applied(step=c.step, checksum=checksum, apply_time_s=time.perf_counter() - t0))
+
+    def on_evaluate(self, e: P.Evaluate) -> None:
+        results = []
+        m = self.cfg.model
+        for tier in e.tiers:
+            neurons = build_neuron_set(m, tier, 0.0, 1, self.cfg.seed, e.step)
+            t0 = time.perf_counter()
+            val = evaluate(self.model, self.val_data, neurons, self.cfg.data.val_samples,
+                           batch_size=max(1, min(8, self.cfg.data.val_samples)))
+            results.append({"tier": tier, "ffn_width": neurons.prefix_width, "val_loss": val,
+                            "num_samples": self.cfg.data.val_samples, "client_id": self.client_id,
+                            "eval_time_s": round(time.perf_counter() - t0, 3)})
+            log.info(format_kv("val_loss", {"step": e.step, "matformer_tier": tier, "val_loss": val}))
+        self.conn.send(P.EvalResult(step=e.step, results=results))
+
+    def on_save(self, s: P.SaveCheckpoint) -> None:
+        save_checkpoint(Path(s.path), self.model, self.optimizer, dict(s.meta))
+        self.conn.send(P.Saved(step=s.step, path=s.path, checksum=parameter_checksum(self.model)))
+
+
+def run_client(opts: ClientOptions) -> int:
+    torch.set_num_threads(max(1, opts.threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    return Client(opts).run()
