@@ -141,6 +141,7 @@ class Coordinator:
         self.lost_time_s = 0.0
         self.consecutive_discards = 0
         self.stop_reason: str | None = None
+        self.paused = False
 
     # ------------------------------------------------------------------ plumbing
     def set_state(self, new: str) -> None:
@@ -555,8 +556,18 @@ class Coordinator:
                 self.generation_members = []
                 continue
             self._after_commit()
+            if self.paused:
+                await self.hold_paused()
         await self.cooldown()
         return "finished", f"completed {self.step} of {self.t.total_steps} steps"
+
+    async def hold_paused(self) -> None:
+        """Wait at a step boundary until resumed (SIGUSR1 toggles), still serving background messages."""
+        previous = self.state
+        self.set_state("Paused")
+        while self.paused:
+            await self.next_message(time.monotonic() + 0.2)
+        self.set_state(previous)
 
     def _membership_changed(self) -> bool:
         alive = sorted(m.client_id for m in self.alive_members())
@@ -620,6 +631,7 @@ class Coordinator:
         self.store_port = self.store.port
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGUSR1, self._toggle_pause)
         _write_json_atomic(self.opts.run_dir / READY_FILE, {"host": self.opts.host, "port": port,
                                                             "store_port": self.store_port, "pid": os.getpid()})
         log.info("listening on %s:%d (store port %d)", self.opts.host, port, self.store_port)
@@ -656,6 +668,11 @@ class Coordinator:
 
     def _request_stop(self, sig: int) -> None:
         self.stop_reason = f"stopped by signal {signal.Signals(sig).name}"
+        self.queue.put_nowait((None, None))
+
+    def _toggle_pause(self) -> None:
+        self.paused = not self.paused
+        self.events.emit("pause" if self.paused else "resume", step=self.step)
         self.queue.put_nowait((None, None))
 
     async def _ping_loop(self) -> None:

@@ -211,6 +211,12 @@ class Launcher:
         if coordinator is not None and coordinator.proc.poll() is None:
             coordinator.proc.send_signal(signal.SIGTERM)
 
+    def toggle_pause(self) -> None:
+        """Pause or resume the run at the next step boundary (the coordinator acts on SIGUSR1)."""
+        coordinator = self.children.get("coordinator")
+        if coordinator is not None and coordinator.proc.poll() is None:
+            coordinator.proc.send_signal(signal.SIGUSR1)
+
     def run(self) -> int:
         """Run to the end; returns the coordinator's exit code (0, 1 or 130)."""
         p = self.plan
