@@ -70,6 +70,10 @@ def prepare(
                                         val_fraction=val_fraction, cache_dir=cache, prefix=prefix,
                                         shard_tokens=shard_tokens)
     _render_manifest(Console(), out, manifest)
+    for split, asked in (("train", train_tokens), ("val", val_tokens)):
+        if manifest[f"{split}_tokens"] < asked:
+            err.print(f"note: the chosen sources hold only {manifest[f'{split}_tokens']:,} {split} tokens "
+                      f"(asked for {asked:,})", highlight=False)
 
 
 def _render_manifest(console: Console, out: Path, manifest: dict[str, Any]) -> None:
