@@ -97,7 +97,10 @@ def inspect(
     pattern: Annotated[str, typer.Option(help="Glob for the shards when PATH is a directory.")] = "*.bin",
     tokens: Annotated[int, typer.Option(help="Decode this many tokens from the start of the first shard.")] = 64,
 ) -> None:
-    """Show each shard's format, token count, size and id range, and decode its first tokens."""
+    """Show each shard's format, token count, size and id range, and decode its first tokens.
+
+    `docs` counts <|endoftext|> tokens (each document starts with one).
+    """
     if path.is_dir():
         paths = data.list_shards(path, pattern)
     elif path.exists():
@@ -121,14 +124,14 @@ def inspect(
 
 def _render_shards(facts: list[dict[str, Any]]) -> Table:
     table = Table()
-    for column in ("shard", "format", "tokens", "bytes", "min id", "max id", "documents"):
-        table.add_column(column, justify="left" if column in ("shard", "format") else "right",
-                         overflow="fold")
+    table.add_column("shard", min_width=max(len(Path(f["path"]).name) for f in facts), overflow="fold")
+    for column in ("format", "tokens", "bytes", "ids", "docs"):
+        table.add_column(column, justify="left" if column == "format" else "right")
     for f in facts:
-        table.add_row(Path(f["path"]).name, f["format"], f"{f['num_tokens']:,}", f"{f['size_bytes']:,}",
-                      str(f["min_id"]) if f["min_id"] is not None else "-",
-                      str(f["max_id"]) if f["max_id"] is not None else "-", f"{f['eot_count']:,}")
+        ids = f"{f['min_id']}..{f['max_id']}" if f["min_id"] is not None else "-"
+        table.add_row(Path(f["path"]).name, f["format"], f"{f['num_tokens']:,}", f"{f['size_bytes']:,}", ids,
+                      f"{f['eot_count']:,}")
     if len(facts) > 1:
         table.add_row("all", "", f"{sum(f['num_tokens'] for f in facts):,}",
-                      f"{sum(f['size_bytes'] for f in facts):,}", "", "", f"{sum(f['eot_count'] for f in facts):,}")
+                      f"{sum(f['size_bytes'] for f in facts):,}", "", f"{sum(f['eot_count'] for f in facts):,}")
     return table
