@@ -19,12 +19,11 @@ tokens per step.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-_FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
+from hetero_testnet.matformer import ffn_layer, ffn_neuron_axis, is_ffn_param
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,9 @@ def build_layout(named_shapes: list[tuple[str, tuple[int, ...]]], num_layers: in
         numel = 1
         for d in shape:
             numel *= d
-        m = _FFN_PARAM.match(name)
-        layer = int(m.group(1)) if m else None
-        neuron_dim = 1 if (m and m.group(2) == "down") else 0
-        slots.append(ParamSlot(name, tuple(shape), offset, numel, layer, neuron_dim))
+        ffn = is_ffn_param(name)
+        slots.append(ParamSlot(name, tuple(shape), offset, numel, ffn_layer(name) if ffn else None,
+                               ffn_neuron_axis(name) if ffn else 0))
         offset += numel
     return BufferLayout(tuple(slots), num_layers, intermediate_size, offset)
 

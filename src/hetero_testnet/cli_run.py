@@ -260,7 +260,7 @@ def start(
     run_dir: Path
     resume_ckpt = None
     if resume is not None:
-        from hetero_testnet.checkpoint import latest_checkpoint
+        from hetero_testnet.resume import latest_checkpoint
 
         run_dir = resume
         if not (resume / "config.yaml").is_file():
@@ -360,7 +360,7 @@ def coordinator(
     latency, jitter = parse_latency(fault_latency_ms)
     start_step, data_index = 0, 0
     if resume_checkpoint is not None:
-        from hetero_testnet.checkpoint import load_checkpoint_meta
+        from hetero_testnet.resume import load_checkpoint_meta
 
         meta = load_checkpoint_meta(resume_checkpoint)
         start_step, data_index = int(meta["step"]), int(meta["data_index"])
