@@ -1,0 +1,219 @@
+"""Learning-rate schedule, gradient clipping helpers and a masked AdamW.
+
+`MaskedAdamW` is AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; the same update as
+`torch.optim.AdamW`) that updates each parameter only where a per-neuron mask is True. A MatFormer
+client of tier t > 0 never computes the FFN suffix, so it must not touch it at all: no weight decay,
+no moment decay, no step count. Otherwise a small client would shrink neurons it never saw, and
+the Adam state of replicas that see different neuron sets would drift apart.
+
+Determinism: every replica of a run applies the same averaged gradient and must end bit-identical.
+The update therefore uses only elementwise ops that are correctly rounded one at a time (add, sub,
+mul, div, sqrt, where): no reductions, no fused ops (lerp, addcmul, addcdiv may contract to FMA in
+vectorised loops but not in scalar tails, so their last bit can depend on how a tensor is split
+over threads), and bias corrections computed in Python from the integer step counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+
+from hetero_testnet.config import LRScheduleConfig, OptimizerConfig
+from hetero_testnet.errors import ConfigError
+from hetero_testnet.matformer import ffn_neuron_axis, is_ffn_param
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def lr_at(step: int, cfg: LRScheduleConfig) -> float:
+    """Psyche's learning rate at `step`: linear warmup, then cosine decay to `final_lr`.
+
+    - `step < warmup`: `init + (base - init) * step / warmup`
+    - otherwise: `final + (base - final) * 0.5 * (1 + cos(pi * progress))`, with
+      `progress = (step - warmup) / (total - warmup)` clamped to [0, 1], so steps past `total_steps`
+      (a run extended beyond its schedule) stay at `final_lr` instead of climbing the cosine back up.
+      When `total <= warmup` the decay has no length and progress is 1.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0 (got {step})")
+    warmup, total = cfg.warmup_steps, cfg.total_steps
+    if step < warmup:
+        return cfg.warmup_init_lr + (cfg.base_lr - cfg.warmup_init_lr) * step / warmup
+    progress = 1.0 if total <= warmup else min(1.0, (step - warmup) / (total - warmup))
+    return cfg.final_lr + (cfg.base_lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def grad_sq_sum(params: Iterable[torch.Tensor]) -> float:
+    """Sum of squares of every `p.grad`, accumulated in float64 (params without grad count 0).
+
+    The global gradient norm is `sqrt` of this summed over every shard/process; a distributed
+    caller sums the per-process values itself.
+    """
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(torch.sum(torch.square(p.grad.detach().to(torch.float64))))
+    return total
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """Factor to multiply gradients by so their global norm is at most `max_norm` (0 = no clipping).
+
+    Same formula as `torch.nn.utils.clip_grad_norm_`: `min(1, max_norm / (total_norm + 1e-6))`.
+    A non-finite `total_norm` gives a non-finite coefficient (NaN/0), which the caller must treat
+    as a diverged step rather than apply.
+    """
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def _bias_correction(step: torch.Tensor, beta: float) -> torch.Tensor | float:
+    """`1 - beta**step` per element, with Python's pow on each distinct integer count.
+
+    Exactly the value `torch.optim.AdamW` computes for a scalar step, and independent of how the
+    tensor is vectorised (a tensor `pow` is not correctly rounded).
+    """
+    if step.dim() == 0:
+        return 1.0 - beta ** float(step)
+    out = torch.empty_like(step)
+    for value in torch.unique(step).tolist():
+        out[step == value] = 1.0 - beta ** value
+    return out
+
+
+class MaskedAdamW:
+    """AdamW whose `step` changes each parameter only where its update mask is True.
+
+    Weight decay (decoupled) applies only to parameters with dim >= 2 (matrices: embeddings,
+    projections, head), never to norm weights: the nanoGPT `configure_optimizers` convention.
+    State per parameter name: `exp_avg`, `exp_avg_sq` (full shape) and `step`, a float tensor of
+    the mask's broadcast shape ((I, 1) for gate/up, (1, I) for down, so each neuron has its own
+    count and bias correction) or () for every other (never masked) parameter.
+
+    Usage per step: the caller fills `p.grad` (averaged, clipped), then `step(lr, masks)`.
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig) -> None:
+        self.params: dict[str, torch.nn.Parameter] = dict(named_params)
+        self.beta1, self.beta2 = float(cfg.betas[0]), float(cfg.betas[1])
+        self.eps = float(cfg.eps)
+        self.weight_decay = float(cfg.weight_decay)
+        # Created eagerly with fixed shapes, so every replica's state has the same keys and sizes
+        # from the start (state broadcasts and checkpoints need no special first-step case).
+        self.state: dict[str, dict[str, torch.Tensor]] = {
+            name: self._init_state(name, p) for name, p in self.params.items()}
+
+    @staticmethod
+    def _init_state(name: str, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero moments; step count per neuron for FFN weights ((I, 1) or (1, I)), else a scalar."""
+        if is_ffn_param(name):
+            step_shape = [1] * p.dim()
+            axis = ffn_neuron_axis(name)
+            step_shape[axis] = p.shape[axis]
+        else:
+            step_shape = []
+        return {"exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format),
+                "step": torch.zeros(step_shape, dtype=torch.float32, device=p.device)}
+
+    @torch.no_grad()
+    def step(self, lr: float, update_masks: Mapping[str, torch.Tensor | None] | None = None) -> None:
+        """One AdamW update from `p.grad` (already averaged and clipped by the caller).
+
+        `update_masks[name]` is a BoolTensor broadcastable to the parameter, or None (or absent) to
+        update every element. Masked-out elements keep parameter and state bit-identical.
+        Parameters whose `grad` is None are skipped entirely.
+        """
+        masks = update_masks or {}
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            mask = masks.get(name)
+            state = self.state[name]
+            if mask is not None and mask.dim() > 0 and state["step"].shape != mask.shape:
+                if state["step"].dim() != 0:
+                    raise ValueError(f"mask shape {tuple(mask.shape)} for {name} differs from its "
+                                     f"step count shape {tuple(state['step'].shape)}")
+                state["step"] = state["step"].expand(mask.shape).clone()
+            self._update(p, p.grad, state, lr, mask)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+                mask: torch.Tensor | None) -> None:
+        b1, b2 = self.beta1, self.beta2
+        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        new_step = step + 1.0
+        bc1 = _bias_correction(new_step, b1)
+        bc2 = _bias_correction(new_step, b2)
+        # exp_avg.lerp_(grad, 1 - b1) and v * b2 + (1 - b2) * g * g, as torch.optim.AdamW, unfused
+        new_m = m + (grad - m) * (1.0 - b1)
+        new_v = v * b2 + ((1.0 - b2) * grad) * grad
+        if isinstance(bc1, float):
+            step_size: torch.Tensor | float = lr / bc1
+            denom = torch.sqrt(new_v) / bc2 ** 0.5 + self.eps
+        else:
+            # per neuron: the same Python double values, rounded to fp32 as torch rounds scalars
+            step_size = (lr / bc1.double()).float()
+            denom = torch.sqrt(new_v) / torch.sqrt(bc2.double()).float() + self.eps
+        new_p = p * (1.0 - lr * self.weight_decay) if p.dim() >= 2 else p
+        new_p = new_p - step_size * (new_m / denom)
+        if mask is None:
+            p.copy_(new_p)
+            m.copy_(new_m)
+            v.copy_(new_v)
+            step.copy_(new_step)
+        else:
+            p.copy_(torch.where(mask, new_p, p))
+            m.copy_(torch.where(mask, new_m, m))
+            v.copy_(torch.where(mask, new_v, v))
+            step.copy_(torch.where(mask, new_step, step))
+
+    def zero_grad(self) -> None:
+        """Full-shape zero gradients on every parameter (not None: masked sums need every element)."""
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    # ----------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat `{"<param>.exp_avg" | ".exp_avg_sq" | ".step": tensor}`, ready for safetensors."""
+        return {f"{name}.{key}": t for name, state in self.state.items() for key, t in state.items()}
+
+    def load_state_dict(self, flat: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of `state_dict`; `ConfigError` on unknown, missing or misshapen entries."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            name, _, kind = key.rpartition(".")
+            if name not in self.params or kind not in _STATE_KEYS:
+                raise ConfigError(f"optimizer state has unknown entry {key!r}")
+            state.setdefault(name, {})[kind] = t
+        missing = sorted(set(self.params) - set(state))
+        if missing:
+            raise ConfigError(f"optimizer state lacks parameter {missing[0]}" +
+                              (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        new_state = {}
+        for name, s in state.items():
+            if set(s) != set(_STATE_KEYS):
+                raise ConfigError(f"optimizer state for {name} lacks {sorted(set(_STATE_KEYS) - set(s))}")
+            p = self.params[name]
+            for kind in ("exp_avg", "exp_avg_sq"):
+                if s[kind].shape != p.shape:
+                    raise ConfigError(f"optimizer state {name}.{kind} has shape {tuple(s[kind].shape)}, "
+                                      f"parameter has {tuple(p.shape)}")
+            step_shape = self.state[name]["step"].shape
+            try:
+                step = s["step"].to(torch.float32).expand(step_shape)
+            except RuntimeError as e:
+                raise ConfigError(f"optimizer state {name}.step has shape {tuple(s['step'].shape)}, "
+                                  f"expected {tuple(step_shape)}") from e
+            new_state[name] = {
+                "exp_avg": s["exp_avg"].detach().to(p.device, torch.float32).clone().contiguous(),
+                "exp_avg_sq": s["exp_avg_sq"].detach().to(p.device, torch.float32).clone().contiguous(),
+                "step": step.detach().to(p.device).clone().contiguous(),
+            }
+        self.state = new_state
