@@ -1,0 +1,174 @@
+"""Small-sample statistics for experiment reports: mean with a Student-t CI, and Welch's t-test.
+
+An experiment repeats each configuration over a few seeds (typically n = 3), so every number in a
+report is a mean over seeds with a 95% confidence interval from Student's t distribution
+(`mean ± t(0.975, n-1) · s / sqrt(n)`, s the sample standard deviation with ddof = 1). With n = 1
+there is no spread to estimate and no interval: `MeanCI.half_width` is None, never 0.
+
+Two configurations are compared with Welch's unequal-variance t-test (Welch 1947; degrees of
+freedom by the Welch–Satterthwaite equation), as `scipy.stats.ttest_ind(equal_var=False)`
+computes it, plus the matching CI of the difference of means. It needs n >= 2 on both sides;
+otherwise the comparison is "n/a" with a reason. A bootstrap is deliberately not offered: with
+three seeds a resampling distribution has at most ten distinct means and its interval is not
+trustworthy.
+
+`holm` adjusts a family of p-values for multiple comparisons (Holm 1979), so a report can say
+which differences survive having looked at several configurations at once.
+
+Missing values (None) are dropped and counted out of n; non-finite values are kept, so a seed that
+diverged to NaN makes the mean NaN instead of silently disappearing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class MeanCI:
+    """Mean of n values with a two-sided Student-t confidence interval (None when n < 2)."""
+
+    n: int
+    mean: float | None
+    """None when n == 0."""
+    std: float | None
+    """Sample standard deviation (ddof = 1); None when n < 2."""
+    half_width: float | None
+    """`t(1 - (1 - confidence)/2, n - 1) * std / sqrt(n)`; None when n < 2."""
+    confidence: float = CONFIDENCE
+
+    @property
+    def low(self) -> float | None:
+        return None if self.half_width is None or self.mean is None else self.mean - self.half_width
+
+    @property
+    def high(self) -> float | None:
+        return None if self.half_width is None or self.mean is None else self.mean + self.half_width
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "mean": _json_num(self.mean), "std": _json_num(self.std),
+                "ci_half_width": _json_num(self.half_width), "ci_low": _json_num(self.low),
+                "ci_high": _json_num(self.high), "confidence": self.confidence}
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """`mean(x) - mean(baseline)` with Welch's t-test; `p` is None (n/a) when either n < 2."""
+
+    n_x: int
+    n_baseline: int
+    mean_x: float | None
+    mean_baseline: float | None
+    diff: float | None
+    """mean(x) - mean(baseline); computed whenever both sides have n >= 1."""
+    t: float | None
+    df: float | None
+    """Welch–Satterthwaite degrees of freedom."""
+    p: float | None
+    """Two-sided p-value of Welch's t-test; None when the test is not applicable."""
+    ci_low: float | None
+    ci_high: float | None
+    """CI of the difference at `confidence`, with the Welch df."""
+    reason: str | None = None
+    """Why the test is n/a, when it is."""
+    confidence: float = CONFIDENCE
+
+    @property
+    def applicable(self) -> bool:
+        return self.p is not None
+
+    def significant(self, alpha: float = ALPHA) -> bool | None:
+        """p < alpha; None when the test is n/a."""
+        return None if self.p is None else self.p < alpha
+
+    def to_dict(self) -> dict:
+        return {"n_x": self.n_x, "n_baseline": self.n_baseline, "mean_x": _json_num(self.mean_x),
+                "mean_baseline": _json_num(self.mean_baseline), "diff": _json_num(self.diff),
+                "t": _json_num(self.t), "df": _json_num(self.df), "p_welch": _json_num(self.p),
+                "ci_low": _json_num(self.ci_low), "ci_high": _json_num(self.ci_high),
+                "significant": self.significant(), "reason": self.reason, "confidence": self.confidence}
+
+
+def clean(values: Iterable[float | None]) -> list[float]:
+    """Drop None (missing); keep NaN/Inf (a diverged seed must stay visible)."""
+    return [float(v) for v in values if v is not None]
+
+
+def t_quantile(q: float, df: float) -> float:
+    """Student-t quantile (scipy.stats.t.ppf)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
+def mean_ci(values: Iterable[float | None], confidence: float = CONFIDENCE) -> MeanCI:
+    """Mean and two-sided Student-t CI over seeds. n = 1: no std, no CI. n = 0: all None."""
+    xs = clean(values)
+    n = len(xs)
+    if n == 0:
+        return MeanCI(0, None, None, None, confidence)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return MeanCI(1, mean, None, None, confidence)
+    std = _sample_std(xs, mean)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n) if math.isfinite(std) else math.nan
+    return MeanCI(n, mean, std, half, confidence)
+
+
+def welch(x: Sequence[float | None], baseline: Sequence[float | None],
+          confidence: float = CONFIDENCE) -> Comparison:
+    """Welch's t-test of mean(x) against mean(baseline), and the CI of their difference.
+
+    n/a (p None, with `reason`) when either side has fewer than 2 values, a value is not finite,
+    or both sides have zero spread (the t statistic is undefined).
+    """
+    a, b = clean(x), clean(baseline)
+    na, nb = len(a), len(b)
+    ma = math.fsum(a) / na if na else None
+    mb = math.fsum(b) / nb if nb else None
+    diff = ma - mb if ma is not None and mb is not None else None
+
+    def na_result(reason: str) -> Comparison:
+        return Comparison(na, nb, ma, mb, diff, None, None, None, None, None, reason, confidence)
+
+    if na < 2 or nb < 2:
+        return na_result(f"needs n >= 2 seeds on both sides (have {na} vs {nb})")
+    if not all(math.isfinite(v) for v in (*a, *b)):
+        return na_result("a value is NaN or Inf")
+    va, vb = _sample_std(a, ma) ** 2 / na, _sample_std(b, mb) ** 2 / nb
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return na_result("no spread on either side (identical values)")
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    t = diff / se
+    from scipy import stats
+
+    p = float(2.0 * stats.t.sf(abs(t), df))
+    half = t_quantile(0.5 + confidence / 2, df) * se
+    return Comparison(na, nb, ma, mb, diff, t, df, p, diff - half, diff + half, None, confidence)
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1); None stays None."""
+    indexed = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(indexed)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(indexed):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _sample_std(xs: Sequence[float], mean: float) -> float:
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in xs) / (len(xs) - 1))
+
+
+def _json_num(v: float | None) -> float | None:
+    """JSON has no NaN/Inf: they become None (reports count non-finite values separately)."""
+    return v if v is not None and math.isfinite(v) else None

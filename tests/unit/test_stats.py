@@ -1,0 +1,81 @@
+import math
+
+import pytest
+from scipy import stats as sps
+
+from hetero_testnet.stats import holm, mean_ci, welch
+
+
+def test_mean_ci_against_hand_values():
+    # [1, 2, 3]: mean 2, s = 1, t(0.975, 2) = 4.302653 (any t table), half = 4.302653 / sqrt(3)
+    m = mean_ci([1.0, 2.0, 3.0])
+    assert m.n == 3
+    assert m.mean == pytest.approx(2.0)
+    assert m.std == pytest.approx(1.0)
+    assert m.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert (m.low, m.high) == pytest.approx((2.0 - 2.484138, 2.0 + 2.484138), rel=1e-6)
+
+
+def test_mean_ci_two_values_uses_t_with_one_df():
+    # t(0.975, 1) = 12.706205; s of [7.9, 8.1] = 0.141421; half = 12.706205 * 0.141421 / sqrt(2) = 1.270620
+    m = mean_ci([7.9, 8.1])
+    assert m.half_width == pytest.approx(1.2706205, rel=1e-6)
+
+
+def test_mean_ci_n1_has_no_interval_and_n0_no_mean():
+    one = mean_ci([8.1])
+    assert (one.n, one.mean, one.std, one.half_width, one.low) == (1, 8.1, None, None, None)
+    none = mean_ci([None, None])
+    assert (none.n, none.mean, none.half_width) == (0, None, None)
+
+
+def test_mean_ci_drops_missing_but_keeps_nan():
+    assert mean_ci([1.0, None, 3.0]).n == 2
+    m = mean_ci([1.0, float("nan"), 3.0])
+    assert m.n == 3 and math.isnan(m.mean)
+    assert m.to_dict()["mean"] is None  # JSON-safe
+
+
+def test_welch_matches_scipy():
+    x = [7.97, 8.02, 7.91]
+    base = [8.10, 8.14, 8.05, 8.12]
+    c = welch(x, base)
+    ref = sps.ttest_ind(x, base, equal_var=False)
+    assert c.t == pytest.approx(ref.statistic, rel=1e-9)
+    assert c.p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert c.df == pytest.approx(ref.df, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (c.ci_low, c.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert c.diff == pytest.approx(sum(x) / 3 - sum(base) / 4)
+    assert c.significant() is True
+
+
+def test_welch_hand_computed_df():
+    # x: mean 2, var 1, n 3 -> 1/3; y: mean 5, var 4, n 3 -> 4/3; se^2 = 5/3
+    # df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = (25/9) / (17/18) = 50/17
+    c = welch([1.0, 2.0, 3.0], [3.0, 5.0, 7.0])
+    assert c.df == pytest.approx(50 / 17)
+    assert c.t == pytest.approx(-3.0 / math.sqrt(5 / 3))
+    assert c.p == pytest.approx(2 * sps.t.sf(3.0 / math.sqrt(5 / 3), 50 / 17))
+
+
+def test_welch_not_applicable_cases():
+    c = welch([8.0], [8.1, 8.2])
+    assert c.p is None and c.significant() is None and "n >= 2" in c.reason
+    assert c.diff == pytest.approx(8.0 - 8.15)  # the difference itself is still reported
+    same = welch([1.0, 1.0], [2.0, 2.0])
+    assert same.p is None and "spread" in same.reason
+    nan = welch([1.0, float("nan")], [2.0, 2.5])
+    assert nan.p is None and "NaN" in nan.reason
+
+
+def test_welch_identical_groups_not_significant():
+    c = welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert c.p == pytest.approx(1.0) and c.significant() is False
+
+
+def test_holm():
+    # p = [0.01, 0.04, 0.03] -> sorted 0.01*3=0.03, 0.03*2=0.06, max(0.06, 0.04*1)=0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([None, 0.5]) == [None, 0.5]
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
