@@ -1,0 +1,663 @@
+"""Experiment matrices: expand a YAML file into testnet runs (configurations × seeds), run them, resume.
+
+An experiment file names a base config, a step count, seeds and a list of *configurations* (a label,
+the tiers of the clients, their helper fractions, the sync mode, optionally their own seeds). Every
+(configuration, seed) pair is one *run*, named `<label>-seed<seed>`, launched as its own
+`testnet start --headless` subprocess and logged to `<logs-dir>/<experiment>/<run>/` (events.jsonl,
+summary.json, ...). Nothing is parsed from log text: the runner reads `summary.json` for the outcome
+and follows `events.jsonl` for progress.
+
+Run length and LR schedule. The base config is copied once per experiment to
+`<logs-dir>/<experiment>/experiment-config.yaml` with `config.total_steps = steps` and, if given,
+`validation.eval_every`; its `lr_schedule` is left exactly as it was. A run therefore stops after
+`steps` committed steps while the LR follows the base config's schedule (the 20M config warms up over
+50 of 100 steps, so a 64-step run stops 14 steps into the cosine decay, as the reference's did).
+`testnet start --total-steps` is deliberately not used: it moves the schedule's horizon too.
+
+Resuming. Running the same file again skips every run whose `summary.json` says `finished`; a run
+directory without one (failed, interrupted, killed) is moved aside to `<run>.failed-<n>` (nothing is
+deleted) and the run starts afresh. A finished run recorded with a different specification (tiers,
+seed, steps, config) is an error, not a silent skip. Every attempt is appended to
+`<logs-dir>/<experiment>/runs.jsonl`; a failed run is recorded there and the matrix goes on.
+
+Failure semantics of `ExperimentRunner.run`:
+- a run that exits 1 (failed) or hits its timeout is recorded and the next run starts;
+- a run that exits 2 (bad input) stops the matrix with a `ConfigError`: every run would fail alike;
+- Ctrl-C (KeyboardInterrupt) is forwarded to the running `testnet start` (SIGINT; it ends the run
+  cleanly as interrupted), recorded, and re-raised after the child exited;
+- every wait is bounded: a run gets `run_timeout_s` (passed as `--exit-after-secs`, a clean stop),
+  then 120 s of grace before SIGINT, 60 s more before SIGTERM, 30 s more before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hetero_testnet.config import RunConfig, dump_yaml, load_run_config
+from hetero_testnet.errors import ConfigError, RunFailedError
+from hetero_testnet.events import EVENTS_FILE, EventTail
+
+MANIFEST_FILE = "experiment.json"
+RUNS_LOG_FILE = "runs.jsonl"
+DERIVED_CONFIG_FILE = "experiment-config.yaml"
+RUN_SPEC_FILE = "experiment-run.json"
+RUNNER_OUTPUT_FILE = "runner.out"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".runner.lock"
+
+SYNC_MODES = ("allreduce", "none")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_FAILED_DIR = re.compile(r"^(?P<run>.+)\.failed-(?P<n>\d+)$")
+
+GRACE_AFTER_TIMEOUT_S = 120.0
+SIGINT_WAIT_S = 60.0
+SIGTERM_WAIT_S = 30.0
+
+
+# --------------------------------------------------------------------------- specification
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReportSettings:
+    """How `testnet experiment report` summarises the runs (overridable on its command line)."""
+
+    last_k: int = 8
+    """Final train loss = mean of each client's losses over the run's last K committed steps."""
+    grad_norm_threshold: float = 10.0
+    """A step whose aggregated gradient norm (before clipping) exceeds this is an explosion."""
+    baseline: str | None = None
+    """Label differences are taken against; default: the first configuration."""
+
+    def __post_init__(self) -> None:
+        _require(self.last_k >= 1, "report.last_k must be >= 1")
+        _require(self.grad_norm_threshold > 0, "report.grad_norm_threshold must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Configuration:
+    """One row of the results table: a tier mix, helper fractions and sync mode, over some seeds."""
+
+    label: str
+    tiers: tuple[int, ...]
+    """Tier of each client (client k gets tiers[k-1]); the number of clients is len(tiers)."""
+    helper_fractions: tuple[float, ...]
+    """One per client (a shorter list cycles, as `--helper-fractions` does)."""
+    sync: str = "allreduce"
+    seeds: tuple[int, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.tiers)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentSpec:
+    name: str
+    description: str
+    source: Path
+    base_config: Path
+    steps: int
+    """Committed steps per run (config.total_steps); the LR schedule stays the base config's."""
+    eval_every: int | None
+    """Validation every N steps (and always at the end); None keeps the base config's value."""
+    seeds: tuple[int, ...]
+    run_timeout_s: float
+    threads: int | None
+    """Torch threads per client; None lets `testnet start` pick (cores // clients)."""
+    report: ReportSettings
+    configurations: tuple[Configuration, ...]
+
+    def configuration(self, label: str) -> Configuration:
+        for c in self.configurations:
+            if c.label == label:
+                return c
+        raise ConfigError(f"no configuration labelled {label!r} in {self.source}",
+                          hint=f"labels: {', '.join(c.label for c in self.configurations)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlannedRun:
+    """One (configuration, seed) pair: a `testnet start` invocation and its log directory name."""
+
+    name: str
+    label: str
+    seed: int
+    tiers: tuple[int, ...]
+    helper_fractions: tuple[float, ...]
+    sync: str
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "seed": self.seed, "tiers": list(self.tiers),
+                "helper_fractions": list(self.helper_fractions), "sync": self.sync, "steps": self.steps,
+                "num_clients": len(self.tiers)}
+
+
+def run_name(label: str, seed: int) -> str:
+    return f"{label}-seed{seed}"
+
+
+def load_experiment(path: str | Path) -> ExperimentSpec:
+    """Parse and validate an experiment YAML file (format: module docstring and configs/experiments/)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read experiment file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed experiment file {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment file {path} must be a mapping at the top level")
+    top = dict(raw)
+    where = str(path)
+
+    name = _take(top, "name", str, where)
+    _require(bool(_LABEL.match(name)), f"{where}: name {name!r} must be letters, digits, '.', '_', '+', '-'")
+    description = _take(top, "description", str, where, "")
+    base = Path(_take(top, "base_config", str, where)).expanduser()
+    base_config = base if base.is_absolute() else (path.parent / base).resolve()
+    steps = _take(top, "steps", int, where)
+    _require(steps >= 1, f"{where}: steps must be >= 1 (got {steps})")
+    eval_every = _take(top, "eval_every", int, where, None)
+    _require(eval_every is None or eval_every >= 0, f"{where}: eval_every must be >= 0")
+    seeds = _seeds(_take(top, "seeds", list, where, [1]), f"{where}: seeds")
+    run_timeout_s = float(_take(top, "run_timeout_s", (int, float), where, 3600.0))
+    _require(run_timeout_s > 0, f"{where}: run_timeout_s must be > 0")
+    threads = _take(top, "threads", int, where, None)
+    _require(threads is None or threads >= 1, f"{where}: threads must be >= 1")
+
+    report_raw = dict(_take(top, "report", dict, where, {}) or {})
+    report = ReportSettings(
+        last_k=_take(report_raw, "last_k", int, f"{where}: report", 8),
+        grad_norm_threshold=float(_take(report_raw, "grad_norm_threshold", (int, float), f"{where}: report", 10.0)),
+        baseline=_take(report_raw, "baseline", str, f"{where}: report", None))
+    _no_leftovers(report_raw, f"{where}: report")
+
+    items = _take(top, "configurations", list, where)
+    _require(bool(items), f"{where}: configurations must list at least one configuration")
+    configurations = tuple(_configuration(item, i, seeds, f"{where}: configurations[{i}]")
+                           for i, item in enumerate(items))
+    _no_leftovers(top, where)
+    labels = [c.label for c in configurations]
+    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    _require(not dupes, f"{where}: configuration labels must be unique (repeated: {', '.join(dupes)})")
+    if report.baseline is not None and report.baseline not in labels:
+        raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
+                          hint=f"labels: {', '.join(labels)}")
+    spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
+                          base_config=base_config, steps=steps, eval_every=eval_every, seeds=seeds,
+                          run_timeout_s=run_timeout_s, threads=threads, report=report,
+                          configurations=configurations)
+    cfg = load_run_config(base_config)  # fails early on a bad base config
+    for c in configurations:
+        for t in c.tiers:
+            if cfg.model.intermediate_size >> t < 1:
+                raise ConfigError(f"{where}: configuration {c.label!r} uses tier {t}, which leaves no FFN "
+                                  f"neurons at intermediate_size {cfg.model.intermediate_size}")
+    return spec
+
+
+def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where: str) -> Configuration:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where} must be a mapping with label, tiers, ...")
+    d = dict(item)
+    label = str(_take(d, "label", (str, int), where))
+    _require(bool(_LABEL.match(label)),
+             f"{where}: label {label!r} must be letters, digits, '.', '_', '+', '-' (it names directories)")
+    tiers = _take(d, "tiers", list, where)
+    _require(bool(tiers) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tiers),
+             f"{where}: tiers must be a non-empty list of integers >= 0 (got {tiers!r})")
+    fractions = _take(d, "helper_fractions", list, where, [0.0])
+    _require(bool(fractions) and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1
+                                     for f in fractions),
+             f"{where}: helper_fractions must be numbers in [0, 1] (got {fractions!r})")
+    _require(len(fractions) <= len(tiers),
+             f"{where}: helper_fractions has more entries ({len(fractions)}) than clients ({len(tiers)})")
+    per_client = tuple(float(fractions[i % len(fractions)]) for i in range(len(tiers)))
+    sync = _take(d, "sync", str, where, "allreduce")
+    _require(sync in SYNC_MODES, f"{where}: sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
+    seeds_raw = _take(d, "seeds", list, where, None)
+    seeds = _seeds(seeds_raw, f"{where}: seeds") if seeds_raw is not None else default_seeds
+    _no_leftovers(d, where)
+    return Configuration(label=label, tiers=tuple(tiers), helper_fractions=per_client, sync=sync, seeds=seeds)
+
+
+def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every (configuration, seed) run in file order; `only` keeps runs whose name or label matches
+    one of the shell-style patterns (e.g. `0-1-1*`, `*-seed1`)."""
+    runs = [PlannedRun(name=run_name(c.label, s), label=c.label, seed=s, tiers=c.tiers,
+                       helper_fractions=c.helper_fractions, sync=c.sync, steps=spec.steps)
+            for c in spec.configurations for s in c.seeds]
+    if only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) or fnmatch.fnmatchcase(r.label, p)
+                                       for p in only)]
+        if not runs:
+            raise ConfigError(f"--only {' '.join(only)} matches no run of experiment {spec.name}",
+                              hint="run names are <label>-seed<seed>; see --dry-run without --only")
+    return runs
+
+
+def build_derived_config(spec: ExperimentSpec) -> RunConfig:
+    """The base config with `total_steps = steps` and eval_every set; the LR schedule untouched."""
+    cfg = load_run_config(spec.base_config)
+    cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps))
+    if spec.eval_every is not None:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=spec.eval_every))
+    return cfg
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything in the config that changes results (data paths excluded, so a moved
+    checkout still recognises its finished runs)."""
+    d = cfg.to_dict()
+    d["model"]["LLM"].pop("data_location", None)
+    d["validation"].pop("data_location", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_identity(run: PlannedRun, fingerprint: str) -> dict[str, Any]:
+    """What a finished run must match to be reused on resume."""
+    return {**run.to_dict(), "config_fingerprint": fingerprint}
+
+
+def start_command(run: PlannedRun, *, config_path: Path, experiment_dir: Path, run_timeout_s: float,
+                  threads: int | None) -> list[str]:
+    """The `testnet start` invocation of one run (no --total-steps: see the module docstring)."""
+    n = len(run.tiers)
+    cmd = [sys.executable, "-m", "hetero_testnet", "start", "--headless",
+           "--config-path", str(config_path),
+           "--num-clients", str(n),
+           "--tiers", ",".join(map(str, run.tiers)),
+           "--helper-fractions", ",".join(f"{f:g}" for f in run.helper_fractions),
+           "--sync", run.sync,
+           "--seed", str(run.seed),
+           "--server-port", "0",
+           "--logs-dir", str(experiment_dir),
+           "--name", run.name,
+           "--min-clients", str(n),
+           "--exit-after-secs", f"{run_timeout_s:g}"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+# --------------------------------------------------------------------------- planning
+
+@dataclass(frozen=True, slots=True)
+class PlannedAction:
+    run: PlannedRun
+    action: str
+    """`run` (new), `rerun` (an unfinished directory is moved aside first) or `skip` (finished)."""
+    detail: str = ""
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path, fingerprint: str) -> list[PlannedAction]:
+    """Decide per run: skip (finished, same spec), rerun (unfinished dir) or run (no dir).
+
+    Raises ConfigError when a finished run was made with another specification."""
+    actions = []
+    for r in runs:
+        d = experiment_dir / r.name
+        if not d.exists():
+            actions.append(PlannedAction(r, "run"))
+            continue
+        summary = read_summary(d)
+        if summary is not None and summary.get("status") == "finished":
+            recorded = _read_json(d / RUN_SPEC_FILE)
+            wanted = run_identity(r, fingerprint)
+            if recorded is not None and recorded != wanted:
+                changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+                raise ConfigError(f"run {r.name} in {experiment_dir} finished with a different specification "
+                                  f"({', '.join(changed)} changed)",
+                                  hint="use another --logs-dir, or move that run directory away to redo it")
+            actions.append(PlannedAction(r, "skip", "finished"))
+        else:
+            status = summary.get("status") if summary else "no summary.json"
+            actions.append(PlannedAction(r, "rerun", f"previous attempt: {status}"))
+    return actions
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename an unfinished run directory to `<run>.failed-<n>` (n = 1 + the highest in use)."""
+    used = [int(m.group("n")) for p in run_dir.parent.iterdir()
+            if (m := _FAILED_DIR.match(p.name)) and m.group("run") == run_dir.name]
+    target = run_dir.with_name(f"{run_dir.name}.failed-{max(used, default=0) + 1}")
+    run_dir.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class RunOutcome:
+    run: PlannedRun
+    status: str
+    """finished | failed | interrupted | timeout | bad_input | skipped."""
+    exit_code: int | None
+    reason: str
+    wall_s: float
+    run_dir: Path
+    moved_aside: Path | None = None
+
+
+class RunnerObserver:
+    """Progress hooks (a do-nothing base: the CLI's Rich view overrides them)."""
+
+    def planned(self, actions: list[PlannedAction]) -> None: ...
+
+    def run_started(self, run: PlannedRun, index: int, total: int) -> None: ...
+
+    def steps_done(self, run: PlannedRun, steps: int) -> None: ...
+
+    def run_ended(self, outcome: RunOutcome) -> None: ...
+
+
+@dataclass
+class ExperimentRunner:
+    """Runs an experiment's matrix, one `testnet start` subprocess at a time (each uses every core)."""
+
+    spec: ExperimentSpec
+    logs_dir: Path
+    only: Sequence[str] = ()
+    observer: RunnerObserver = field(default_factory=RunnerObserver)
+    command_prefix: Sequence[str] | None = None
+    """Replace `[python, -m, hetero_testnet]` (tests substitute a fake launcher)."""
+    poll_s: float = 0.5
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.logs_dir / self.spec.name
+
+    def prepare(self) -> tuple[RunConfig, str, list[PlannedAction]]:
+        """Build the derived config and the plan; touches nothing on disk."""
+        cfg = build_derived_config(self.spec)
+        fingerprint = config_fingerprint(cfg)
+        runs = expand(self.spec, self.only)
+        return cfg, fingerprint, plan_actions(runs, self.experiment_dir, fingerprint)
+
+    def commands(self, actions: Sequence[PlannedAction]) -> list[list[str]]:
+        """The commands a real run would execute (for --dry-run)."""
+        config_path = self.experiment_dir / DERIVED_CONFIG_FILE
+        return [self._command(a.run, config_path) for a in actions if a.action != "skip"]
+
+    def run(self) -> list[RunOutcome]:
+        """Execute the plan. Returns one outcome per planned run (skips included); raises
+        ConfigError on a run rejecting its input, KeyboardInterrupt after forwarding Ctrl-C."""
+        cfg, fingerprint, actions = self.prepare()
+        exp = self.experiment_dir
+        exp.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(exp / LOCK_FILE):
+            config_path = exp / DERIVED_CONFIG_FILE
+            header = (f"# written by `testnet experiment run {self.spec.source}`: base config "
+                      f"{self.spec.base_config} with total_steps={self.spec.steps}"
+                      f"{'' if self.spec.eval_every is None else f', eval_every={self.spec.eval_every}'}; "
+                      "lr_schedule unchanged\n")
+            config_path.write_text(header + dump_yaml(cfg.to_dict()))
+            write_manifest(self.spec, exp, cfg, fingerprint)
+            self.observer.planned(actions)
+            outcomes: list[RunOutcome] = []
+            to_run = [a for a in actions if a.action != "skip"]
+            index = 0
+            for a in actions:
+                if a.action == "skip":
+                    outcome = RunOutcome(a.run, "skipped", None, "finished earlier", 0.0, exp / a.run.name)
+                    outcomes.append(outcome)
+                    continue
+                index += 1
+                outcome = self._run_one(a, config_path, fingerprint, index, len(to_run))
+                outcomes.append(outcome)
+                if outcome.status == "bad_input":
+                    raise ConfigError(f"run {a.run.name} rejected its input: {outcome.reason}",
+                                      hint=f"see {outcome.run_dir / RUNNER_OUTPUT_FILE}")
+            return outcomes
+
+    # ---------------------------------------------------------------- one run
+    def _command(self, run: PlannedRun, config_path: Path) -> list[str]:
+        cmd = start_command(run, config_path=config_path, experiment_dir=self.experiment_dir,
+                            run_timeout_s=self.spec.run_timeout_s, threads=self.spec.threads)
+        if self.command_prefix is not None:
+            cmd = [*self.command_prefix, *cmd[3:]]
+        return cmd
+
+    def _run_one(self, action: PlannedAction, config_path: Path, fingerprint: str, index: int,
+                 total: int) -> RunOutcome:
+        run = action.run
+        exp = self.experiment_dir
+        run_dir = exp / run.name
+        moved = None
+        if run_dir.exists():
+            moved = move_aside(run_dir)
+            _append_jsonl(exp / RUNS_LOG_FILE, {"event": "moved_aside", "run": run.name, "to": moved.name,
+                                                "detail": action.detail})
+        run_dir.mkdir(parents=True)
+        (run_dir / RUN_SPEC_FILE).write_text(json.dumps(run_identity(run, fingerprint), indent=2) + "\n")
+        cmd = self._command(run, config_path)
+        _append_jsonl(exp / RUNS_LOG_FILE, {"event": "run_started", "run": run.name, "label": run.label,
+                                            "seed": run.seed, "command": cmd})
+        self.observer.run_started(run, index, total)
+        t0 = time.monotonic()
+        code, forced = None, None
+        interrupted = False
+        with open(run_dir / RUNNER_OUTPUT_FILE, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                code, forced = self._wait(proc, run, run_dir, t0)
+            except KeyboardInterrupt:
+                interrupted = True
+                code = _stop(proc, [(signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S),
+                                    (signal.SIGKILL, SIGTERM_WAIT_S)])
+        outcome = self._outcome(run, run_dir, code, forced, interrupted, time.monotonic() - t0, moved)
+        _append_jsonl(exp / RUNS_LOG_FILE, {"event": "run_ended", "run": run.name, "label": run.label,
+                                            "seed": run.seed, "status": outcome.status, "exit_code": code,
+                                            "reason": outcome.reason, "wall_s": round(outcome.wall_s, 3)})
+        self.observer.run_ended(outcome)
+        if interrupted:
+            raise KeyboardInterrupt
+        return outcome
+
+    def _wait(self, proc: subprocess.Popen, run: PlannedRun, run_dir: Path, t0: float) -> tuple[int, str | None]:
+        """Wait for the run, reporting committed steps; escalate past the timeout plus grace."""
+        tail = EventTail(run_dir / EVENTS_FILE)
+        steps = 0
+        deadline = t0 + self.spec.run_timeout_s + GRACE_AFTER_TIMEOUT_S
+        while True:
+            try:
+                code = proc.wait(timeout=self.poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            steps = self._count_steps(tail, run, steps)
+            if time.monotonic() > deadline:
+                code = _stop(proc, [(signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S),
+                                    (signal.SIGKILL, SIGTERM_WAIT_S)])
+                return code, f"no exit within run_timeout_s {self.spec.run_timeout_s:g} s + " \
+                             f"{GRACE_AFTER_TIMEOUT_S:g} s grace; stopped by signal"
+        self._count_steps(tail, run, steps)
+        return code, None
+
+    def _count_steps(self, tail: EventTail, run: PlannedRun, steps: int) -> int:
+        new = steps
+        for e in tail.poll():
+            if e.get("event") == "step_committed" and isinstance(e.get("step"), int):
+                new = max(new, e["step"] + 1)
+        if new != steps:
+            self.observer.steps_done(run, new)
+        return new
+
+    def _outcome(self, run: PlannedRun, run_dir: Path, code: int | None, forced: str | None,
+                 interrupted: bool, wall_s: float, moved: Path | None) -> RunOutcome:
+        summary = read_summary(run_dir)
+        s_status = summary.get("status") if summary else None
+        s_reason = str(summary.get("reason")) if summary and summary.get("reason") is not None else None
+        if interrupted:
+            status, reason = "interrupted", "Ctrl-C"
+        elif forced:
+            status, reason = "timeout", forced
+        elif code == 0 and s_status == "finished":
+            status, reason = "finished", s_reason or "finished"
+        elif code == 2:
+            status, reason = "bad_input", s_reason or _last_line(run_dir / RUNNER_OUTPUT_FILE) or "exit code 2"
+        elif s_status == "interrupted" or code == 130:
+            status = "timeout"
+            reason = f"stopped early ({s_reason or 'exit code 130'}); run_timeout_s is {self.spec.run_timeout_s:g} s"
+        else:
+            status = "failed"
+            reason = s_reason or f"exit code {code} without a summary.json"
+            if code == 0 and s_status != "finished":
+                reason = f"exit code 0 but summary status {s_status!r}: {reason}"
+        return RunOutcome(run, status, code, reason, wall_s, run_dir, moved)
+
+
+def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, fingerprint: str) -> None:
+    """`experiment.json`: the whole matrix (not only `--only`'s part), for the report."""
+    manifest = {
+        "name": spec.name, "description": spec.description, "source": str(spec.source),
+        "base_config": str(spec.base_config), "derived_config": DERIVED_CONFIG_FILE,
+        "config_fingerprint": fingerprint, "steps": spec.steps,
+        "eval_every": cfg.data.eval_every, "val_num_samples": cfg.data.val_samples,
+        "lr_schedule": dataclasses.asdict(cfg.lr_schedule), "seeds": list(spec.seeds),
+        "run_timeout_s": spec.run_timeout_s,
+        "report": dataclasses.asdict(spec.report),
+        "configurations": [{"label": c.label, "tiers": list(c.tiers), "helper_fractions": list(c.helper_fractions),
+                            "sync": c.sync, "seeds": list(c.seeds)} for c in spec.configurations],
+        "runs": [r.to_dict() for r in expand(spec)],
+    }
+    _write_json_atomic(experiment_dir / MANIFEST_FILE, manifest)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _stop(proc: subprocess.Popen, ladder: list[tuple[int, float]]) -> int:
+    """Send each signal in turn until the process exits; every wait bounded. Returns the exit code."""
+    for sig, wait_s in ladder:
+        if proc.poll() is not None:
+            break
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C: escalate at once
+            continue
+    return proc.returncode if proc.returncode is not None else -signal.SIGKILL
+
+
+class _exclusive_lock:
+    """Only one `experiment run` per experiment directory at a time (flock; released on exit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_exclusive_lock":
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunFailedError(f"another `testnet experiment run` is using {self.path.parent}",
+                                 hint="wait for it to finish, or use another --logs-dir") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    line = json.dumps({"ts": time.time(), **record}, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_line(path: Path) -> str | None:
+    """Last non-empty line of a run's captured output, shown to humans only (never parsed)."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
+
+
+def _seeds(values: Any, where: str) -> tuple[int, ...]:
+    _require(isinstance(values, list) and bool(values)
+             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values),
+             f"{where} must be a non-empty list of integers >= 0 (got {values!r})")
+    _require(len(set(values)) == len(values), f"{where} repeats a seed: {values!r}")
+    return tuple(values)
+
+
+_MISSING = object()
+
+
+def _take(d: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = _MISSING) -> Any:
+    if key not in d or d[key] is None:
+        d.pop(key, None)
+        if default is _MISSING:
+            raise ConfigError(f"{where}: field {key!r} is required")
+        return default
+    value = d.pop(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{where}: field {key!r} must be {names} (got {value!r})")
+    return value
+
+
+def _no_leftovers(d: dict, where: str) -> None:
+    if d:
+        raise ConfigError(f"{where}: unknown field {', '.join(map(repr, d))}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+__all__ = ["Configuration", "ExperimentRunner", "ExperimentSpec", "PlannedAction",
+           "PlannedRun", "ReportSettings", "RunOutcome", "RunnerObserver", "build_derived_config", "expand",
+           "load_experiment", "move_aside", "plan_actions", "run_name", "start_command"]
