@@ -44,7 +44,8 @@ def main() -> None:
         sys.argv.remove("--debug")
     try:
         _register_subcommands()
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code instead of raising
+        sys.exit(code if isinstance(code, int) else 0)
     except HeteroTestnetError as e:
         if debug:
             raise
@@ -55,18 +56,17 @@ def main() -> None:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors arrive here too
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # noqa: BLE001 - usage errors arrive here too
+        # Usage errors come from click or, in newer Typer, its vendored copy: match them by shape.
+        if type(e).__name__ == "Abort":
             _fail("interrupted", None, 130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if debug:
             raise
         _fail(f"internal error: {type(e).__name__}: {e}", "rerun with --debug for the traceback", 1)
-    sys.exit(0)
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:

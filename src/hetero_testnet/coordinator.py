@@ -46,6 +46,8 @@ from hetero_testnet.optim import lr_at
 log = logging.getLogger("hetero_testnet")
 
 PING_INTERVAL_S = 2.0
+JOINED = P.Ping(state="joined")
+"""Queued (never sent) when a client is admitted, so waits re-check membership at once."""
 READY_FILE = "coordinator.json"
 SUMMARY_FILE = "summary.json"
 
@@ -169,6 +171,8 @@ class Coordinator:
                 log.info("connection from %s closed before hello: %s", peer, type(e).__name__)
         except ProtocolError as e:
             self.events.emit("protocol_error", level=logging.WARNING, peer=str(peer), reason=str(e))
+        except asyncio.CancelledError:
+            return  # the loop is shutting down; the member is reported by the run's end
         finally:
             if member is not None:
                 await self.queue.put((member, None))
@@ -228,6 +232,7 @@ class Coordinator:
             sync=self.opts.sync,
             initial_checkpoint=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None,
             fault=self.opts.fault)))
+        self.queue.put_nowait((member, JOINED))
         self.events.emit("client_joined", client_id=client_id, step=self.step, tier=hello.tier, ffn_width=width,
                          helper_fraction=hello.helper_fraction, pid=hello.pid, host=member.host,
                          incarnation=member.incarnation, threads=hello.threads, device=hello.device)
@@ -268,8 +273,9 @@ class Coordinator:
             return True
         if isinstance(message, P.EvalResult):
             for r in message.results:
+                r = {**r, "client_id": member.client_id}
                 self.eval_results[message.step].append(r)
-                self.events.emit("eval", client_id=member.client_id, step=message.step, **r)
+                self.events.emit("eval", step=message.step, **r)
             return True
         if isinstance(message, P.Saved):
             self.saved[message.step] = message
@@ -288,8 +294,13 @@ class Coordinator:
             self.events.emit("replica_mismatch", level=logging.ERROR, step=step, checksums=sums)
             raise RunAborted(f"replicas diverged after step {step}: {detail}")
 
-    async def next_message(self, deadline: float) -> tuple[Member | None, P.Message | None] | None:
-        """Next client message or disconnect before `deadline` (monotonic), else None."""
+    async def next_message(self, deadline: float) -> tuple[Member, P.Message] | None:
+        """Next message from a live member before `deadline` (monotonic), else None.
+
+        Background messages (checksums, evals, saves) are recorded here and returned too, so every
+        wait re-checks its condition after each of them; callers ignore what they do not wait for.
+        Disconnects mark the member lost and are not returned.
+        """
         while True:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
@@ -308,8 +319,8 @@ class Coordinator:
                 continue
             if not member.alive:
                 continue
-            if self._handle_background(member, message):
-                continue
+            if message is not JOINED:
+                self._handle_background(member, message)
             return member, message
 
     # ------------------------------------------------------------------ phases
@@ -645,6 +656,9 @@ class Coordinator:
             status, reason = "interrupted", self.stop_reason or "cancelled"
         except HeteroTestnetError as e:
             status, reason = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 - a coordinator bug must still end the run cleanly
+            log.exception("internal error")
+            status, reason = "failed", f"internal coordinator error: {type(e).__name__}: {e}"
         finally:
             pinger.cancel()
             self.set_state("Finished")
