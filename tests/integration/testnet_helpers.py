@@ -1,0 +1,103 @@
+"""Running real testnets from tests: subprocess helpers with deadlines, and orphan checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny"
+
+
+def testnet_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hetero_testnet", *args]
+
+
+def start_args(logs_dir: Path, name: str, *extra: str) -> list[str]:
+    return testnet_cmd("start", "--headless", "--config-path", str(TINY), "--server-port", "0",
+                       "--logs-dir", str(logs_dir), "--name", name, "--threads", "1", *extra)
+
+
+def run_start(logs_dir: Path, name: str, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(start_args(logs_dir, name, *extra), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def spawn_start(logs_dir: Path, name: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(start_args(logs_dir, name, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def wait_for_event(run_dir: Path, predicate, timeout: float = 120.0) -> dict:
+    """Poll the run's event file until an event matches (deadline, no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in events(run_dir):
+            if predicate(e):
+                return e
+        time.sleep(0.1)
+    raise AssertionError(f"no matching event in {run_dir} within {timeout} s")
+
+
+def started_pids(run_dir: Path) -> list[int]:
+    return [e["pid"] for e in events(run_dir) if e["event"] in ("process_started", "client_restarted")]
+
+
+def assert_no_orphans(run_dir: Path, timeout: float = 15.0) -> None:
+    """Every process the launcher started is gone (zombies of a reaped tree count as gone)."""
+    pids = started_pids(run_dir)
+    assert pids, "the launcher recorded no processes"
+    deadline = time.monotonic() + timeout
+    alive: list[int] = []
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE and "hetero_testnet" in " ".join(p.cmdline()):
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"processes left behind: {alive}")
+
+
+def client_pid(run_dir: Path, client_id: int) -> int:
+    joined = [e for e in events(run_dir) if e["event"] == "client_joined" and e["client_id"] == client_id]
+    return joined[-1]["pid"]
+
+
+def checksums_by_step(run_dir: Path) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for e in events(run_dir):
+        if e["event"] == "client_step":
+            out.setdefault(e["step"], set()).add(e["checksum"])
+    return out
