@@ -16,6 +16,7 @@ do not vanish with the alternate screen.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import queue
 import select
@@ -41,6 +42,7 @@ from hetero_testnet.tui_snapshot import ERROR, INFO, JOIN, WARN, FeedItem, RunSn
 
 REFRESH_PER_SECOND = 8      # Live's own refresh rate (fixed, so the screen never flickers)
 LOOP_TICK_S = 0.1           # main loop: drain events, read keys, hand Live a new frame
+NOTICE_S = 4.0              # how long a key's acknowledgement stays in the footer
 STALE_AFTER_S = 15.0        # `watch`: flag a run whose events stopped coming
 TIER_COLORS = ("cyan", "magenta", "yellow", "green", "blue", "red", "bright_white")
 STATE_STYLES = {"training": "green", "waiting": "yellow", "exchanging": "cyan", "dead": "bold red",
@@ -299,10 +301,8 @@ def render_dashboard(snap: RunSnapshot, *, now: float, view: View, height: int =
 
 def render_text(snap: RunSnapshot, *, now: float, view: View, width: int = 100, height: int = 30) -> str:
     """One frame as plain text (tests, `watch --once`)."""
-    console = Console(width=width, height=height, record=True, file=open(os.devnull, "w"),
-                      color_system=None, legacy_windows=False)
+    console = Console(width=width, height=height, record=True, file=io.StringIO(), color_system=None)
     console.print(render_dashboard(snap, now=now, view=view, height=height))
-    console.file.close()
     return console.export_text()
 
 
@@ -419,28 +419,32 @@ def run_with_dashboard(launcher_cls: Callable[..., LauncherLike], plan: Any, *,
     view = View(mode="run", logs_dir=str(run_dir))
     stop_reason: str | None = None
     stop_sent = False
+    notice_until = 0.0
     signals: list[str] = []
     with _signals_as_flags(signals), _Keys() as keys, _live(console) as live:
         worker.start()
         while worker.is_alive():
             _drain(inbox, snap)
-            typed = keys.read(LOOP_TICK_S)
-            if "q" in typed.lower() and stop_reason is None:
+            typed = keys.read(LOOP_TICK_S).lower()
+            if "q" in typed and stop_reason is None:
                 stop_reason = "q pressed"
             if signals and stop_reason is None:
                 stop_reason = "Ctrl-C" if signals[0] == "SIGINT" else f"{signals[0]} received"
-            coordinator_up = snap.state != "Launching"
-            if "p" in typed.lower() and stop_reason is None:
+            coordinator_up = snap.state != "Launching"  # its SIGTERM/SIGUSR1 handlers are installed
+            if "p" in typed and stop_reason is None:
                 if coordinator_up and snap.status is None:
                     launcher.toggle_pause()
-                    view.notice = "pause/resume requested (takes effect at the next step boundary)"
+                    view.notice = "resume requested" if snap.paused else "pausing at the next step boundary"
                 else:
-                    view.notice = "the coordinator has not started yet: p ignored"
-            if stop_reason is not None and not stop_sent:
-                if coordinator_up:
+                    view.notice = "not started yet: p ignored"
+                notice_until = time.monotonic() + NOTICE_S
+            if stop_reason is not None:
+                if not stop_sent and coordinator_up:
                     launcher.request_stop(stop_reason)
                     stop_sent = True
-                view.notice = f"stopping ({stop_reason}): waiting for the run to shut down cleanly…"
+                view.notice = f"stopping cleanly ({stop_reason})…"
+            elif view.notice and time.monotonic() > notice_until:
+                view.notice = None
             live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)))
         worker.join()
         _drain(inbox, snap)

@@ -16,7 +16,7 @@ Client states are *approximations*, because the coordinator reports phases per r
   inside a round, so "training" covers both);
 - `step_discarded` / `generation_failed` -> the generation's live members wait for the next generation;
 - `client_lost` / `fault_kill` -> dead; `client_restarted` -> restarting (until it joins again);
-- `run_finished` -> live clients are done.
+- `run_finished` -> live clients are done (a restart the launcher still makes after it only counts).
 
 `client_step` arrives one step late (after the client applied the committed update), so the per-client
 columns lag the header's step counter by one step.
@@ -111,6 +111,8 @@ class RunSnapshot:
     """Every warning and error (not capped), printed again after the dashboard closes."""
     discarded_steps: int = 0
     events_seen: int = 0
+    eval_lines: dict[int, tuple[FeedItem, dict[int, float]]] = field(default_factory=dict)
+    """step -> (its one feed line, tier -> val loss): the evals of one step share a line."""
 
     # ------------------------------------------------------------ derived values
     def elapsed_s(self, now: float) -> float:
@@ -287,7 +289,9 @@ def _on_fault_kill(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) ->
 def _on_client_restarted(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
     if cid is not None:
         row = snap.client(cid)
-        row.state, row.restarts = "restarting", row.restarts + 1
+        row.restarts += 1
+        if snap.status is None:  # the launcher may restart a killed client while the run shuts down
+            row.state = "restarting"
     snap._say(ts, INFO, f"client {cid} restarted")
 
 
@@ -380,8 +384,16 @@ def _on_eval(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
     tier, loss = e.get("tier"), _num(e.get("val_loss"))
     if tier is None or loss is None:
         return
-    snap.val_loss[int(tier)] = (e.get("step") or 0, loss)
-    snap._say(ts, INFO, f"val loss tier {tier} @{e.get('step')}: {loss:.4f}")
+    step = int(e.get("step") or 0)
+    snap.val_loss[int(tier)] = (step, loss)
+    line = snap.eval_lines.get(step)
+    if line is None or not any(item is line[0] for item in snap.feed):
+        snap._say(ts, INFO, "")
+        line = snap.eval_lines[step] = (snap.feed[-1], {})
+        for old in sorted(snap.eval_lines)[:-4]:  # evals of a step arrive close together
+            del snap.eval_lines[old]
+    line[1][int(tier)] = loss
+    line[0].text = f"val loss @{step}: " + " ".join(f"t{t} {v:.3f}" for t, v in sorted(line[1].items()))
 
 
 def _on_checkpoint_saved(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
@@ -407,7 +419,7 @@ def _on_run_finished(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) 
     snap.steps_done = e.get("steps_completed", snap.steps_done)
     snap.total_steps = e.get("total_steps", snap.total_steps)
     snap._set_members_state(list(snap.clients), "done")
-    level = INFO if snap.status == "finished" else ERROR
+    level = {"finished": INFO, "interrupted": WARN}.get(snap.status, ERROR)
     snap._say(ts, level, f"run {snap.status}: {snap.finish_reason or ''}".rstrip(": "))
     if e.get("replicas_identical") is False:
         snap._say(ts, ERROR, "replicas were not bit-identical at the end")
