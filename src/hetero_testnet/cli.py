@@ -1,7 +1,7 @@
 """The `testnet` command line: parse, load config, call one function per command, map errors.
 
-`main()` is the only place that catches `HeteroTestnetError`: it prints `error: <message>` (and a
-`hint:`) on stderr and exits 2 for bad input, 1 for a failed run, 130 for Ctrl-C. Tracebacks are
+`main()` is the only place that catches `HeteroTestnetError`: it prints one line,
+`error: <message> (hint: <fix>)`, on stderr and exits 2 for bad input, 1 for a failed run, 130 for Ctrl-C. Tracebacks are
 shown only with `--debug` (or HETERO_TESTNET_DEBUG=1).
 """
 
@@ -71,7 +71,5 @@ def main() -> None:
 
 def _fail(message: str, hint: str | None, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"error: {first_line}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+    print(f"error: {first_line}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
     sys.exit(code)

@@ -170,6 +170,14 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def _check_data(cfg: RunConfig) -> None:
+    """Open both splits once before spawning anything, so bad data is a one-line error up front."""
+    from hetero_testnet.data import open_split
+
+    for split in ("train", "val"):
+        open_split(cfg.data, split, cfg.model.max_seq_len, cfg.model.vocab_size)
+
+
 def default_run_name(tiers: list[int]) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"tiers-{'-'.join(map(str, tiers))}-{stamp}"
@@ -286,6 +294,7 @@ def start(
         if (run_dir / "summary.json").exists():
             raise ConfigError(f"run directory {run_dir} already holds a finished run",
                               hint="choose another --name, or --resume it")
+    _check_data(cfg)
     latency, jitter = parse_latency(fault_latency_ms)
     if fault_bandwidth_limit < 0:
         raise ConfigError("--fault-bandwidth-limit must be >= 0")

@@ -312,9 +312,18 @@ class Launcher:
     def _amend_summary(self) -> None:
         """Add what only the launcher knows: client exit codes, kills and restarts."""
         path = self.plan.run_dir / SUMMARY_FILE
+        coordinator = self.children.get("coordinator")
         if not path.exists():
-            return
-        summary = json.loads(path.read_text())
+            # The coordinator died before writing one (e.g. SIGKILL): record that much.
+            code = coordinator.proc.returncode if coordinator is not None else None
+            reason = (f"coordinator exited with code {code} without a summary" if code is None or code >= 0
+                      else f"coordinator killed by signal {signal.Signals(-code).name}")
+            summary = {"run_id": self.plan.config.run_id, "name": self.plan.run_dir.name, "status": "failed",
+                       "reason": reason, "steps_completed": None, "total_steps": self.plan.config.timing.total_steps,
+                       "clients": {}}
+            self.events.emit("run_finished", status="failed", reason=reason, log=False)
+        else:
+            summary = json.loads(path.read_text())
         for c in self.children.values():
             if c.role != "client":
                 continue

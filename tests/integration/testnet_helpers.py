@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny"
 
 
-def testnet_cmd(*args: str) -> list[str]:
+def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hetero_testnet", *args]
 
 
 def start_args(logs_dir: Path, name: str, *extra: str) -> list[str]:
-    return testnet_cmd("start", "--headless", "--config-path", str(TINY), "--server-port", "0",
+    return cli_cmd("start", "--headless", "--config-path", str(TINY), "--server-port", "0",
                        "--logs-dir", str(logs_dir), "--name", name, "--threads", "1", *extra)
 
 

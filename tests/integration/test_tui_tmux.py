@@ -1,0 +1,127 @@
+"""The dashboard in a real terminal: `testnet start --tui` inside tmux, read the screen, press q.
+
+tmux gives the run a 100x30 pseudo-terminal; `capture-pane -p` is the screen as text. The test waits (with
+deadlines, polling the screen, never sleeping as synchronization) until the header and one row per client
+with its tier and a loss value are shown, presses `q`, and checks the clean shutdown: the pane's process
+exits with 130 (or 0 if the run had already finished), summary.json says interrupted/finished, the status
+line is printed after the alternate screen closed, and no process of the run is left.
+
+A private tmux server (`-L <unique socket>`) keeps the test away from the user's sessions; its config sets
+`remain-on-exit` so the exit status of the pane can be read after the command ended.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300),
+              pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")]
+
+
+class Tmux:
+    """One private tmux server with one 100x30 session."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.socket = f"testnet-tui-{uuid.uuid4().hex[:8]}"
+        self.conf = tmp / "tmux.conf"
+        self.conf.write_text("set -g remain-on-exit on\nset -g history-limit 2000\n")
+
+    def __call__(self, *args: str) -> str:
+        result = subprocess.run(["tmux", "-L", self.socket, "-f", str(self.conf), *args],
+                                capture_output=True, text=True, timeout=10)
+        if result.returncode != 0:
+            raise RuntimeError(f"tmux {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def start(self, command: str) -> None:
+        self("new-session", "-d", "-s", "run", "-x", "100", "-y", "30", command)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "run")
+
+    def pane(self, fmt: str) -> str:
+        return self("display-message", "-p", "-t", "run", fmt).strip()
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float, describe: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)  # polling interval, not synchronization: the condition decides
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; last screen:\n{describe()}")
+
+
+def run_processes(markers: list[str]) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if any(m in cmdline for m in markers) and p.pid != psutil.Process().pid:
+            found.append(p)
+    return found
+
+
+def test_dashboard_shows_the_run_and_q_stops_it_cleanly(tmp_path: Path) -> None:
+    name = f"tui-{uuid.uuid4().hex[:10]}"
+    logs_dir = tmp_path / "logs"
+    run_dir = logs_dir / name
+    command = shlex.join([sys.executable, "-m", "hetero_testnet", "start", "--config-path", "configs/tiny",
+                          "--num-clients", "2", "--tiers", "0,1", "--tui", "--server-port", "0",
+                          "--total-steps", "40", "--name", name, "--logs-dir", str(logs_dir)])
+    tmux = Tmux(tmp_path)
+    markers = [name, str(logs_dir)]
+    try:
+        tmux.start(f"cd {shlex.quote(str(ROOT))} && {command}")
+        row = {cid: re.compile(rf"│\s+{cid}\s+{tier}\s+{pct}\s+\S+\s+\w+\s+\d+\.\d{{4}}\s")
+               for cid, tier, pct in ((1, 0, "100%"), (2, 1, "50%"))}
+
+        def dashboard_ready() -> bool:
+            screen = tmux.screen()
+            return (name in screen and re.search(r"step \d+/40", screen) is not None and "ETA" in screen
+                    and all(r.search(screen) for r in row.values()) and "q quit" in screen)
+
+        wait_for("the header and a row with a loss per client", dashboard_ready, 180, tmux.screen)
+        shown = tmux.screen()
+        print(f"\n--- captured screen (100x30) ---\n{shown}--- end ---")
+        (tmp_path / "screen.txt").write_text(shown)
+
+        tmux("send-keys", "-t", "run", "q")
+        wait_for("the run to stop after q", lambda: tmux.pane("#{pane_dead}") == "1", 120, tmux.screen)
+        status = int(tmux.pane("#{pane_dead_status}"))
+        final = tmux.screen()
+        assert status in (0, 130), final
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] in ("interrupted", "finished"), summary
+        if summary["status"] == "interrupted":
+            assert status == 130 and "q pressed" in summary["reason"]
+        assert f"run {name} {summary['status']}" in final  # printed after the alternate screen closed
+
+        def nothing_left() -> bool:
+            return not run_processes(markers)
+
+        wait_for("no process of the run to be left", nothing_left, 5,
+                 lambda: "\n".join(" ".join(p.cmdline()) for p in run_processes(markers)))
+    finally:
+        tmux.kill()
+        for p in run_processes(markers):  # never leak processes into other tests, even on failure
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
