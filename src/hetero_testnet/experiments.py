@@ -386,6 +386,8 @@ class ExperimentRunner:
     command_prefix: Sequence[str] | None = None
     """Replace `[python, -m, hetero_testnet]` (tests substitute a fake launcher)."""
     poll_s: float = 0.5
+    grace_s: float = GRACE_AFTER_TIMEOUT_S
+    """After run_timeout_s (when `testnet start` should have stopped itself) wait this long, then signal."""
 
     @property
     def experiment_dir(self) -> Path:
@@ -483,7 +485,7 @@ class ExperimentRunner:
         """Wait for the run, reporting committed steps; escalate past the timeout plus grace."""
         tail = EventTail(run_dir / EVENTS_FILE)
         steps = 0
-        deadline = t0 + self.spec.run_timeout_s + GRACE_AFTER_TIMEOUT_S
+        deadline = t0 + self.spec.run_timeout_s + self.grace_s
         while True:
             try:
                 code = proc.wait(timeout=self.poll_s)
@@ -495,7 +497,7 @@ class ExperimentRunner:
                 code = _stop(proc, [(signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S),
                                     (signal.SIGKILL, SIGTERM_WAIT_S)])
                 return code, f"no exit within run_timeout_s {self.spec.run_timeout_s:g} s + " \
-                             f"{GRACE_AFTER_TIMEOUT_S:g} s grace; stopped by signal"
+                             f"{self.grace_s:g} s grace; stopped by signal"
         self._count_steps(tail, run, steps)
         return code, None
 
