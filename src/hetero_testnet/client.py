@@ -72,19 +72,20 @@ class ClientOptions:
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
-    """A bit-exact fingerprint of every parameter (any changed bit changes it).
+    """A bit-exact fingerprint of every parameter: any changed bit changes it.
 
-    Sums of the raw int32 bit patterns, per parameter, hashed together: cheap (one pass, no copy
-    of the model) and independent of thread count, unlike a float sum.
+    Per parameter, the raw bits summed as int64 words (pairs of float32) and as int32 words, both
+    wrapping; hashed together with the names. Integer sums are exact and independent of thread
+    count (a float sum is neither), and they run at memory speed (~10 ms for the 20M model).
     """
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            bits = p.detach().contiguous().view(torch.int32)
+            bits = p.detach().contiguous().view(-1).view(torch.int32)
+            even = bits[: bits.numel() // 2 * 2]
             h.update(name.encode())
-            flat = bits.reshape(-1)
-            for part in (flat, flat[::3], flat[1::7]):  # strided partial sums add position sensitivity
-                h.update(int(part.sum(dtype=torch.int64)).to_bytes(8, "little", signed=True))
+            h.update(int(even.view(torch.int64).sum()).to_bytes(8, "little", signed=True))
+            h.update(int(bits.sum(dtype=torch.int32)).to_bytes(8, "little", signed=True))
     return h.hexdigest()[:32]
 
 
@@ -156,6 +157,8 @@ class Client:
             try:
                 message = self.conn.recv(self.opts.coordinator_timeout_s)
             except PeerLostError as e:
+                if self._was_dropped():
+                    continue
                 log.error("coordinator lost: %s; exiting", e)
                 self._close()
                 return 1
@@ -172,9 +175,27 @@ class Client:
             try:
                 self.handle(message)
             except PeerLostError as e:
+                if self._was_dropped():
+                    continue
                 log.error("lost the coordinator while reporting: %s; exiting", e)
                 self._close()
                 return 1
+
+    def _was_dropped(self) -> bool:
+        """After a broken connection: did the coordinator drop us (then rejoin) or vanish?
+
+        A client that was stopped (SIGSTOP) past a deadline finds a `Dropped` message queued before
+        the close; it reconnects and rejoins at the next step boundary. Anything else is loss.
+        """
+        try:
+            while True:
+                message = self.conn.recv(1.0)
+                if isinstance(message, P.Dropped):
+                    log.warning("dropped by the coordinator (%s); rejoining", message.reason)
+                    self._rejoin()
+                    return True
+        except PeerLostError:
+            return False
 
     def _rejoin(self) -> None:
         if self.exchange is not None:

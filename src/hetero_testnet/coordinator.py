@@ -383,7 +383,7 @@ class Coordinator:
                 member, message = item
                 if isinstance(message, P.GroupReady) and message.generation == self.generation:
                     ready[member.client_id] = message
-                elif isinstance(message, P.RoundFailed):
+                elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
                     self.generation_broken = f"client {member.client_id}: {message.reason}"
             if self.generation_broken or len(ready) < len(members):
                 self.events.emit("generation_failed", level=logging.WARNING, generation=self.generation,
@@ -431,7 +431,7 @@ class Coordinator:
             if isinstance(message, P.Reduced) and message.step == self.step:
                 self.reduced[member.client_id] = message
                 self._log_witness(member, message, lr)
-            elif isinstance(message, P.RoundFailed):
+            elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
                 failure = f"client {member.client_id} failed step {self.step}: {message.reason}"
                 break
         if failure is None:
