@@ -16,8 +16,9 @@ Definitions (the report repeats them, so a reader need not open this file):
   evaluated it (the per-replica numbers are listed separately).
 - loss statistics use finished runs only; health counts (NaN/Inf, gradient-norm explosions, client
   crashes) use every run directory present, finished or not.
-- *NaN/Inf count*: `client_step` records whose loss is null or not finite, whose grad_norm is not
-  finite or whose `nan_inf` flag is set, plus `eval` records whose val_loss is null or not finite.
+- *NaN/Inf count*: `client_step` records whose loss is null or not finite (a null loss of a client
+  that trained no tokens that step is missing, not NaN), whose grad_norm is not finite or whose
+  `nan_inf` flag is set, plus `eval` records whose val_loss is null or not finite.
 - *gradient-norm explosion*: a committed step on which some client reported `grad_norm` (aggregated
   gradient, before clipping) above the threshold.
 - *train tokens/s*: tokens of committed steps / their summed `step_wall_s`; *wall time*: the
@@ -166,8 +167,8 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
     exploded_steps: set[int] = set()
     gmax: float | None = None
     for (cid, step), e in steps.items():
-        loss, g, flag = e.get("loss"), e.get("grad_norm"), e.get("nan_inf")
-        if not _finite(loss) or (g is not None and not _finite(g)) or bool(flag):
+        g, loss = e.get("grad_norm"), _train_loss(e)
+        if (loss is not None and math.isnan(loss)) or (g is not None and not _finite(g)) or bool(e.get("nan_inf")):
             nan_inf += 1
         if isinstance(g, (int, float)):
             if g > grad_norm_threshold:
@@ -183,19 +184,20 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
     by_client: dict[int, float] = {}
     if last_step is not None:
         window = (max(0, last_step - last_k + 1), last_step)
-        per_client: dict[int, list[Any]] = defaultdict(list)
+        per_client: dict[int, list[float]] = defaultdict(list)
         for (cid, step), e in steps.items():
-            if window[0] <= step <= window[1]:
-                per_client[cid].append(e.get("loss"))
+            if window[0] <= step <= window[1] and (loss := _train_loss(e)) is not None:
+                per_client[cid].append(loss)
         for cid, losses in sorted(per_client.items()):
-            by_client[cid] = math.fsum(losses) / len(losses) if all(_finite(v) for v in losses) else math.nan
+            by_client[cid] = _mean_or_nan(losses)
     by_tier = _mean_by_tier(by_client, client_tiers)
 
     # curves
     train_curve: dict[int, dict[int, float]] = defaultdict(dict)
     per_step_tier: dict[tuple[int, int], list[Any]] = defaultdict(list)
     for (cid, step), e in steps.items():
-        per_step_tier[(client_tiers.get(cid, e.get("tier", 0)), step)].append(e.get("loss"))
+        if (loss := _train_loss(e)) is not None:
+            per_step_tier[(client_tiers.get(cid, e.get("tier", 0)), step)].append(loss)
     for (tier, step), losses in sorted(per_step_tier.items()):
         train_curve[tier][step] = _mean_or_nan(losses)
     val_curve: dict[int, dict[int, float]] = defaultdict(dict)
@@ -481,6 +483,17 @@ def _mean_by_tier(by_client: dict[int, float], client_tiers: dict[int, int]) -> 
     for cid, v in by_client.items():
         groups[client_tiers.get(cid, 0)].append(v)
     return {t: math.fsum(vs) / len(vs) for t, vs in sorted(groups.items())}
+
+
+def _train_loss(e: dict[str, Any]) -> float | None:
+    """A client_step's loss: the number; NaN when null or not finite although the client trained
+    tokens (docs/events.md: null if not finite); None (missing) when it trained no tokens."""
+    loss = e.get("loss")
+    if _finite(loss):
+        return float(loss)
+    if loss is None and e.get("tokens") == 0:
+        return None
+    return math.nan
 
 
 def _mean_or_nan(values: list[Any]) -> float:

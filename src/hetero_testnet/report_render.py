@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hetero_testnet.experiments import run_name
 from hetero_testnet.report import DIFF_METRICS, ConfigResult, Report, significance_word
 from hetero_testnet.stats import ALPHA, Comparison, MeanCI, mean_ci
 
@@ -174,6 +175,10 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
     lines += ["## Runs", ""]
     rows = [[r.name, r.seed if r.seed is not None else NA, r.status, f"{r.steps_completed}/{r.total_steps or '?'}",
              r.reason.replace("|", "/")[:120]] for r in report.runs]
+    for c in report.configs:
+        present = {r.seed for r in c.runs}
+        rows += [[run_name(c.label, s), s, "not run", NA, "no run directory"]
+                 for s in c.planned_seeds if s not in present]
     lines += _table(["run", "seed", "status", "steps", "reason"], rows) + [""]
 
     # --- plots

@@ -167,6 +167,19 @@ def test_load_run_counts_nan_and_explosions_from_numbers(tmp_path: Path):
     assert load_run(tmp_path / "r", grad_norm_threshold=100.0).grad_norm_explosions == 0
 
 
+def test_null_loss_without_tokens_is_missing_not_nan(tmp_path: Path):
+    synth_run(tmp_path / "r", tiers=[0, 0], seed=1, steps=4, noise=0.0)
+    lines = (tmp_path / "r" / "events.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    for e in events:
+        if e["event"] == "client_step" and e["client_id"] == 2 and e["step"] == 3:
+            e.update(loss=None, tokens=0)
+    (tmp_path / "r" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    r = load_run(tmp_path / "r", last_k=2)
+    assert r.nan_inf_count == 0
+    assert r.train_loss_by_client[2] == pytest.approx(10.0 - 0.2)   # only step 2 remains in its window
+
+
 def test_load_run_crashed_client_and_partial_run(tmp_path: Path):
     synth_run(tmp_path / "lost", tiers=[0, 0, 1], seed=1, steps=10, lost_client=3)
     r = load_run(tmp_path / "lost", last_k=3)
@@ -245,6 +258,12 @@ def test_report_excludes_unfinished_runs_and_counts_attempts(experiment: Path):
     c00 = next(c for c in rep.configs if c.label == "0-0")
     assert len(c00.finished) == 2 and c00.runs_not_finished == 1 and c00.failed_attempts == 1
     assert c00.stat("val_loss_tier0").n == 2
+    import shutil
+    shutil.rmtree(experiment / "0-1-seed2")
+    out = experiment / "out"
+    write_report(build_report(experiment), out)
+    md = (out / "results.md").read_text()
+    assert "| 0-1-seed2 | 2 | not run |" in md and "| 0-0-seed3 | 3 | partial |" in md
 
 
 def test_report_without_manifest_infers_configurations(tmp_path: Path):
