@@ -31,6 +31,7 @@ Failure semantics of `ExperimentRunner.run`:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import fcntl
 import fnmatch
@@ -408,10 +409,10 @@ class ExperimentRunner:
     def run(self) -> list[RunOutcome]:
         """Execute the plan. Returns one outcome per planned run (skips included); raises
         ConfigError on a run rejecting its input, KeyboardInterrupt after forwarding Ctrl-C."""
-        cfg, fingerprint, actions = self.prepare()
         exp = self.experiment_dir
         exp.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(exp / LOCK_FILE):
+            cfg, fingerprint, actions = self.prepare()
             config_path = exp / DERIVED_CONFIG_FILE
             header = (f"# written by `testnet experiment run {self.spec.source}`: base config "
                       f"{self.spec.base_config} with total_steps={self.spec.steps}"
@@ -465,7 +466,8 @@ class ExperimentRunner:
         interrupted = False
         with open(run_dir / RUNNER_OUTPUT_FILE, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    preexec_fn=_own_session_dying_with_parent,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
                 code, forced = self._wait(proc, run, run_dir, t0)
             except KeyboardInterrupt:
@@ -552,6 +554,16 @@ def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, f
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _own_session_dying_with_parent() -> None:
+    """Runs in the child before exec: its own session (a terminal Ctrl-C reaches only the runner,
+    which forwards it), and SIGTERM if the runner dies (the launcher then takes its processes along)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
 
 def _stop(proc: subprocess.Popen, ladder: list[tuple[int, float]]) -> int:
     """Send each signal in turn until the process exits; every wait bounded. Returns the exit code."""
@@ -658,8 +670,3 @@ def _no_leftovers(d: dict, where: str) -> None:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-__all__ = ["Configuration", "ExperimentRunner", "ExperimentSpec", "PlannedAction",
-           "PlannedRun", "ReportSettings", "RunOutcome", "RunnerObserver", "build_derived_config", "expand",
-           "load_experiment", "move_aside", "plan_actions", "run_name", "start_command"]
