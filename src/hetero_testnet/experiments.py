@@ -9,7 +9,9 @@ and follows `events.jsonl` for progress.
 
 Run length and LR schedule. The base config is copied once per experiment to
 `<logs-dir>/<experiment>/experiment-config.yaml` with `config.total_steps = steps` and, if given,
-`validation.eval_every`; its `lr_schedule` is left exactly as it was. A run therefore stops after
+`validation.eval_every`, and any straggler deadlines from `deadlines:` (warmup_time, cooldown_time,
+max_round_train_time, round_witness_time, waiting_for_members_timeout: they bound waits and never
+change what is trained); its `lr_schedule` is left exactly as it was. A run therefore stops after
 `steps` committed steps while the LR follows the base config's schedule (the 20M config warms up over
 50 of 100 steps, so a 64-step run stops 14 steps into the cosine decay, as the reference's did).
 `testnet start --total-steps` is deliberately not used: it moves the schedule's horizon too.
@@ -63,6 +65,8 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".runner.lock"
 
 SYNC_MODES = ("allreduce", "none")
+DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "round_witness_time",
+                   "waiting_for_members_timeout")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _FAILED_DIR = re.compile(r"^(?P<run>.+)\.failed-(?P<n>\d+)$")
 
@@ -116,6 +120,8 @@ class ExperimentSpec:
     """Committed steps per run (config.total_steps); the LR schedule stays the base config's."""
     eval_every: int | None
     """Validation every N steps (and always at the end); None keeps the base config's value."""
+    deadlines: dict[str, float]
+    """Overrides of the config's straggler deadlines (s); keys from DEADLINE_FIELDS."""
     seeds: tuple[int, ...]
     run_timeout_s: float
     threads: int | None
@@ -177,6 +183,11 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     eval_every = _take(top, "eval_every", int, where, None)
     _require(eval_every is None or eval_every >= 0, f"{where}: eval_every must be >= 0")
     seeds = _seeds(_take(top, "seeds", list, where, [1]), f"{where}: seeds")
+    deadlines_raw = dict(_take(top, "deadlines", dict, where, {}) or {})
+    deadlines = {k: float(_take(deadlines_raw, k, (int, float), f"{where}: deadlines"))
+                 for k in DEADLINE_FIELDS if k in deadlines_raw}
+    _no_leftovers(deadlines_raw, f"{where}: deadlines (allowed: {', '.join(DEADLINE_FIELDS)})")
+    _require(all(v > 0 for v in deadlines.values()), f"{where}: deadlines must be > 0 seconds")
     run_timeout_s = float(_take(top, "run_timeout_s", (int, float), where, 3600.0))
     _require(run_timeout_s > 0, f"{where}: run_timeout_s must be > 0")
     threads = _take(top, "threads", int, where, None)
@@ -201,7 +212,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
                           hint=f"labels: {', '.join(labels)}")
     spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
-                          base_config=base_config, steps=steps, eval_every=eval_every, seeds=seeds,
+                          base_config=base_config, steps=steps, eval_every=eval_every, deadlines=deadlines,
+                          seeds=seeds,
                           run_timeout_s=run_timeout_s, threads=threads, report=report,
                           configurations=configurations)
     cfg = load_run_config(base_config)  # fails early on a bad base config
@@ -254,9 +266,9 @@ def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
 
 
 def build_derived_config(spec: ExperimentSpec) -> RunConfig:
-    """The base config with `total_steps = steps` and eval_every set; the LR schedule untouched."""
+    """The base config with `total_steps = steps`, eval_every and deadlines set; the LR schedule untouched."""
     cfg = load_run_config(spec.base_config)
-    cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps))
+    cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps, **spec.deadlines))
     if spec.eval_every is not None:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=spec.eval_every))
     return cfg
@@ -543,6 +555,7 @@ def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, f
         "base_config": str(spec.base_config), "derived_config": DERIVED_CONFIG_FILE,
         "config_fingerprint": fingerprint, "steps": spec.steps,
         "eval_every": cfg.data.eval_every, "val_num_samples": cfg.data.val_samples,
+        "deadlines": {k: getattr(cfg.timing, k) for k in DEADLINE_FIELDS},
         "lr_schedule": dataclasses.asdict(cfg.lr_schedule), "seeds": list(spec.seeds),
         "run_timeout_s": spec.run_timeout_s,
         "report": dataclasses.asdict(spec.report),

@@ -21,7 +21,9 @@ Definitions (the report repeats them, so a reader need not open this file):
   `nan_inf` flag is set, plus `eval` records whose val_loss is null or not finite.
 - *gradient-norm explosion*: a committed step on which some client reported `grad_norm` (aggregated
   gradient, before clipping) above the threshold.
-- *train tokens/s*: tokens of committed steps / their summed `step_wall_s`; *wall time*: the
+- *train tokens/s*: tokens of committed steps / their summed `step_wall_s`, leaving out the rounds
+  that began right after a periodic validation (clients validate synchronously, so those rounds
+  include it); *wall time*: the
   coordinator's `summary.wall_time_s` (start-up, validation and checkpoint included).
 - statistics (stats.py): mean ± 95% CI half-width with Student's t over seeds; Welch's t-test
   against the baseline configuration, Holm-adjusted over the family of comparisons per metric.
@@ -219,8 +221,11 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
         num_samples = evals[val_step][0].get("num_samples")
 
     # throughput and time
-    tokens = sum(e.get("tokens") or 0 for e in committed.values())
-    step_wall = math.fsum(e.get("step_wall_s") or 0.0 for e in committed.values())
+    # a client validates synchronously, so a round that began right after a validation request
+    # (eval step k = k steps completed -> round k) includes it: leave those rounds out
+    steady = [e for s, e in committed.items() if s not in evals] or list(committed.values())
+    tokens = sum(e.get("tokens") or 0 for e in steady)
+    step_wall = math.fsum(e.get("step_wall_s") or 0.0 for e in steady)
     tps = tokens / step_wall if step_wall > 0 else None
     wall = summary.get("wall_time_s")
     if wall is None and events:

@@ -83,6 +83,9 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
         lines.append(f"- Base config `{exp['base_config']}`; each run stops after {exp.get('steps')} committed "
                      f"steps. LR schedule unchanged from the base config: cosine, {sched.get('warmup_steps')} warmup "
                      f"steps, horizon {sched.get('total_steps')} steps, base LR {sched.get('base_lr')}.")
+    if exp.get("deadlines"):
+        lines.append("- Straggler deadlines (bound waits, do not change training): " + ", ".join(
+            f"{k} {v:g} s" for k, v in exp["deadlines"].items()) + ".")
     lines += [
         f"- Runs: {n_fin} finished of {n_planned} planned. Loss statistics use finished runs only; health "
         "counts (NaN/Inf, gradient-norm explosions, client crashes) use every run directory present.",
@@ -151,7 +154,8 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
                      fmt(h["grad_norm_max"], 3), h["clients_completed"], h["clients_crashed"],
                      c.runs_not_finished, c.failed_attempts])
     lines += _table(header, rows)
-    lines += ["", "Train tokens/s = tokens of committed steps / their summed step wall time; wall time is the "
+    lines += ["", "Train tokens/s = tokens of committed steps / their summed step wall time, leaving out rounds "
+              "that began right after a periodic validation (clients validate synchronously); wall time is the "
               "coordinator's, start-up and validation included. Runs ran one after another on the same machine; "
               "clients of one run share its cores, so throughput compares configurations only on that machine.",
               ""]

@@ -156,6 +156,16 @@ def test_load_run_final_losses_and_window(tmp_path: Path):
     assert r.grad_norm_max == pytest.approx(1.5)
 
 
+def test_tokens_per_sec_leaves_out_rounds_after_a_validation(tmp_path: Path):
+    synth_run(tmp_path / "r", tiers=[0, 0], seed=1, steps=10, eval_every=5)
+    events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    for e in events:
+        if e["event"] == "step_committed" and e["step"] == 5:      # round 5 began after the eval at 5
+            e["step_wall_s"] = 30.0
+    (tmp_path / "r" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert load_run(tmp_path / "r").train_tokens_per_sec == pytest.approx(1200 / 0.5)
+
+
 def test_load_run_counts_nan_and_explosions_from_numbers(tmp_path: Path):
     synth_run(tmp_path / "r", tiers=[0, 1], seed=1, steps=10, nan_at=(2, 8), grad_spike_at=3, lost_client=None)
     r = load_run(tmp_path / "r", last_k=4, grad_norm_threshold=10.0)
