@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from hetero_testnet.optim import MaskedAdamW
 from hetero_testnet.training import evaluate, forward_backward
 
 log = logging.getLogger("hetero_testnet")
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -150,9 +152,26 @@ class Client:
                  self.client_id, self.opts.tier, self.width, torch.get_num_threads())
 
     # ------------------------------------------------------------------ the loop
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
+            conn = self.conn
+            try:
+                if conn is not None:
+                    conn.send(P.Heartbeat())
+            except PeerLostError:
+                pass  # the main loop notices and decides (rejoin or exit)
+
     def run(self) -> int:
         welcome = self.connect()
         self.setup(welcome)
+        self._stopping = threading.Event()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        try:
+            return self._loop()
+        finally:
+            self._stopping.set()
+
+    def _loop(self) -> int:
         while True:
             try:
                 message = self.conn.recv(self.opts.coordinator_timeout_s)

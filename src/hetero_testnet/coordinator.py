@@ -46,6 +46,8 @@ from hetero_testnet.optim import lr_at
 log = logging.getLogger("hetero_testnet")
 
 PING_INTERVAL_S = 2.0
+HANG_TIMEOUT_S = 5.0
+"""A member silent this long (no heartbeat) is hung, e.g. SIGSTOPped, and is dropped."""
 JOINED = P.Ping(state="joined")
 """Queued (never sent) when a client is admitted, so waits re-check membership at once."""
 READY_FILE = "coordinator.json"
@@ -85,6 +87,8 @@ class Member:
     """The step whose state this client holds (None: unknown, it needs a broadcast)."""
     alive: bool = True
     in_generation: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    """When anything (a heartbeat included) last arrived from this client."""
     steps_trained: int = 0
     last_loss: float | None = None
     nan_inf: int = 0
@@ -165,7 +169,9 @@ class Coordinator:
                 return
             while True:
                 message = await self._read(reader)
-                await self.queue.put((member, message))
+                member.last_seen = time.monotonic()
+                if not isinstance(message, P.Heartbeat):
+                    await self.queue.put((member, message))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError) as e:
             if member is None:
                 log.info("connection from %s closed before hello: %s", peer, type(e).__name__)
@@ -374,7 +380,13 @@ class Coordinator:
             ready: dict[int, P.GroupReady] = {}
             deadline = time.monotonic() + self.t.warmup_time + timeout_s
             while len(ready) < len(members) and not self.generation_broken:
-                item = await self.next_message(deadline)
+                hung = self._hung([m for m in members if m.client_id not in ready])
+                if hung:
+                    self.generation_broken = self._drop_hung(hung)
+                    break
+                item = await self.next_message(min(deadline, time.monotonic() + 1.0))
+                if item is None and time.monotonic() < deadline:
+                    continue
                 if item is None:
                     late = [m for m in members if m.client_id not in ready]
                     for m in late:
@@ -419,8 +431,14 @@ class Coordinator:
             if self.generation_broken:
                 failure = self.generation_broken
                 break
-            item = await self.next_message(deadline)
+            hung = self._hung([m for m in members if m.client_id not in self.reduced])
+            if hung:
+                failure = self._drop_hung(hung)
+                break
+            item = await self.next_message(min(deadline, time.monotonic() + 1.0))
             if item is None:
+                if time.monotonic() < deadline:
+                    continue
                 late = [m for m in members if m.client_id not in self.reduced and m.alive]
                 failure = f"round deadline ({self.t.max_round_train_time:.0f} s) missed by client(s) " + \
                           ", ".join(str(m.client_id) for m in late)
@@ -443,6 +461,16 @@ class Coordinator:
             return False
         self.commit(lr, batch, time.monotonic() - t0)
         return True
+
+    def _hung(self, members: list[Member]) -> list[Member]:
+        now = time.monotonic()
+        return [m for m in members if m.alive and now - m.last_seen > HANG_TIMEOUT_S]
+
+    def _drop_hung(self, hung: list[Member]) -> str:
+        """Drop silent members; the others may be blocked in a collective with them, not hung."""
+        for m in hung:
+            self._drop(m, f"no heartbeat for {HANG_TIMEOUT_S:.0f} s at step {self.step}")
+        return "client(s) " + ", ".join(str(m.client_id) for m in hung) + " stopped responding"
 
     def _log_witness(self, member: Member, r: P.Reduced, lr: float) -> None:
         step_time = r.compute_time_s + r.exchange_time_s

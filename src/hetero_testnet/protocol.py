@@ -23,6 +23,7 @@ import dataclasses
 import json
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -117,6 +118,14 @@ class Saved(Message):
     step: int
     path: str
     checksum: str
+
+
+@dataclass(kw_only=True)
+class Heartbeat(Message):
+    """Sent every second by a client thread, also while training or blocked in a collective, so
+    the coordinator can tell a hung (stopped) client from one waiting on its peers."""
+
+    type: ClassVar[str] = "heartbeat"
 
 
 # ----------------------------------------------------------------- coordinator -> client
@@ -223,7 +232,7 @@ class Shutdown(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.type: cls
-    for cls in (Hello, GroupReady, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
+    for cls in (Hello, Heartbeat, GroupReady, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
                 Generation, Round, Commit, Discard, Evaluate, SaveCheckpoint, Dropped, Ping, Shutdown)
 }
 
@@ -284,6 +293,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()  # the heartbeat thread sends too
 
     @classmethod
     def connect(cls, host: str, port: int, timeout_s: float) -> "Connection":
@@ -294,8 +304,10 @@ class Connection:
         return cls(sock)
 
     def send(self, message: Message) -> None:
+        data = encode(message)
         try:
-            self.sock.sendall(encode(message))
+            with self._send_lock:
+                self.sock.sendall(data)
         except OSError as e:
             raise PeerLostError(f"connection to coordinator lost while sending: {e}") from e
 
