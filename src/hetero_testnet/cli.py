@@ -26,11 +26,13 @@ app = typer.Typer(
 
 def _register_subcommands() -> None:
     """Each command group lives in its own module; imported here so `--help` lists them all."""
-    from hetero_testnet import cli_data, cli_run, cli_single
+    from hetero_testnet import cli_data, cli_experiment, cli_run, cli_single, cli_watch
 
     cli_run.register(app)
+    cli_watch.register(app)
     cli_single.register(app)
     app.add_typer(cli_data.data_app, name="data")
+    cli_experiment.register(app)
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -22,6 +22,7 @@ from hetero_testnet.config import RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 
 DEFAULT_CONFIG = Path("configs/nanogpt-20m-run")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------- parsing helpers
@@ -99,6 +100,8 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def load_config_with_overrides(config_path: Path, *, seed: int | None, total_steps: int | None) -> RunConfig:
+    if config_path == DEFAULT_CONFIG and not config_path.exists():
+        config_path = REPO_ROOT / DEFAULT_CONFIG  # run from outside the checkout
     cfg = load_run_config(config_path)
     if seed is not None:
         cfg = cfg.replace(seed=seed)
