@@ -360,6 +360,8 @@ def coordinator(
                                                             "to every client's exchange.")] = None,
     fault_bandwidth_limit: Annotated[float, typer.Option("--fault-bandwidth-limit",
                                                          help="Bytes/s cap for every client's exchange.")] = 0.0,
+    listen_fd: Annotated[Optional[int], typer.Option("--listen-fd", hidden=True,
+                                                     help="Inherited listening socket (used by start).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the coordinator (control plane) of one run."""
@@ -381,7 +383,7 @@ def coordinator(
         run_dir=run_dir, token=token, host=bind, port=server_port, expected_clients=expect_clients, sync=sync,
         backend="nccl" if device == "cuda" else "gloo", min_clients=min_clients, checkpoint_every=checkpoint_every,
         resume_checkpoint=resume_checkpoint.resolve() if resume_checkpoint else None, start_step=start_step,
-        start_data_index=data_index,
+        start_data_index=data_index, listen_fd=listen_fd,
         fault={"latency_ms": latency, "latency_jitter_ms": jitter, "bandwidth_bytes_per_s": fault_bandwidth_limit})
     run_dir.mkdir(parents=True, exist_ok=True)
     raise typer.Exit(run_coordinator(cfg, opts))

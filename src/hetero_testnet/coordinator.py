@@ -70,7 +70,8 @@ class CoordinatorOptions:
     start_step: int = 0
     start_data_index: int = 0
     fault: dict[str, Any] = field(default_factory=dict)
-    command_line: str = ""
+    listen_fd: int | None = None
+    """An already listening socket inherited from the launcher (so clients can start at once)."""
 
 
 @dataclass
@@ -659,8 +660,12 @@ class Coordinator:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         try:
-            server = await asyncio.start_server(self.handle_connection, self.opts.host, self.opts.port,
-                                                reuse_address=True)
+            if self.opts.listen_fd is not None:
+                server = await asyncio.start_server(self.handle_connection,
+                                                    sock=socket.socket(fileno=self.opts.listen_fd))
+            else:
+                server = await asyncio.start_server(self.handle_connection, self.opts.host, self.opts.port,
+                                                    reuse_address=True)
         except OSError as e:
             raise ConfigError(f"cannot listen on {self.opts.host}:{self.opts.port}: {e.strerror or e}",
                               hint="pick another --server-port, or 0 for any free port") from e

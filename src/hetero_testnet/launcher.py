@@ -104,16 +104,20 @@ def _die_with_parent() -> None:
         pass
 
 
-def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"port {port} on {host} is in use ({e.strerror})",
-                              hint="pass --server-port 0 to use any free port") from e
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The coordinator's listening socket, bound here so that the port is known (and checked)
+    before anything starts; the coordinator inherits it, and clients can connect at once."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise ConfigError(f"port {port} on {host} is in use or unavailable ({e.strerror})",
+                          hint="pass --server-port 0 to use any free port") from e
+    s.listen(128)
+    s.set_inheritable(True)
+    return s
 
 
 class Launcher:
@@ -138,12 +142,12 @@ class Launcher:
         return env
 
     def _spawn(self, key: str, role: str, client_id: int | None, args: list[str], log_name: str,
-               threads: int) -> Child:
+               threads: int, pass_fds: tuple[int, ...] = ()) -> Child:
         log_path = self.plan.run_dir / log_name
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "hetero_testnet", *args], stdin=subprocess.DEVNULL,
                                     stdout=log_file, stderr=subprocess.STDOUT, env=self._env(threads),
-                                    preexec_fn=_die_with_parent, close_fds=True)
+                                    preexec_fn=_die_with_parent, close_fds=True, pass_fds=pass_fds)
         child = self.children.get(key)
         if child is None:
             child = Child(role, client_id, proc, log_path)
@@ -153,10 +157,10 @@ class Launcher:
         self.events.emit("process_started", client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
 
-    def _coordinator_args(self) -> list[str]:
+    def _coordinator_args(self, listen_fd: int) -> list[str]:
         p = self.plan
         args = ["coordinator", "--config-path", str(p.run_dir / "config.yaml"), "--run-dir", str(p.run_dir),
-                "--bind", p.bind, "--server-port", str(p.server_port), "--expect-clients", str(len(p.clients)),
+                "--bind", p.bind, "--listen-fd", str(listen_fd), "--expect-clients", str(len(p.clients)),
                 "--sync", p.sync, "--device", p.device, "--checkpoint-every", str(p.checkpoint_every)]
         if p.min_clients is not None:
             args += ["--min-clients", str(p.min_clients)]
@@ -220,7 +224,7 @@ class Launcher:
     def run(self) -> int:
         """Run to the end; returns the coordinator's exit code (0, 1 or 130)."""
         p = self.plan
-        check_port_free(p.bind, p.server_port)
+        listener = listen_socket(p.bind, p.server_port)
         self.prepare_run_dir()
         self.events = EventWriter(p.run_dir / "events.jsonl", run_id=p.config.run_id, role="launcher")
         tail = EventTail(p.run_dir / "events.jsonl")
@@ -231,12 +235,15 @@ class Launcher:
             self.events.emit("launch", log=False, name=p.run_dir.name, num_clients=len(p.clients),
                              tiers=[c.tier for c in p.clients], helper_fractions=[c.helper_fraction for c in p.clients],
                              sync=p.sync, total_steps=p.config.timing.total_steps, command_line=p.command_line)
-            coordinator = self._spawn("coordinator", "coordinator", None, self._coordinator_args(),
-                                      "coordinator.log", 1)
-            ready = self._wait_ready(coordinator)
-            address = f"{'127.0.0.1' if p.bind in ('0.0.0.0', '') else p.bind}:{ready['port']}"
-            for spec in p.clients:
+            coordinator = self._spawn("coordinator", "coordinator", None,
+                                      self._coordinator_args(listener.fileno()), "coordinator.log", 1,
+                                      pass_fds=(listener.fileno(),))
+            port = listener.getsockname()[1]
+            listener.close()  # the coordinator holds it now
+            address = f"{'127.0.0.1' if p.bind in ('0.0.0.0', '') else p.bind}:{port}"
+            for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
                 self._spawn_client(spec, address)
+            self._wait_ready(coordinator)
             next_kill = time.monotonic() + p.faults.random_kill_interval_s if p.faults.random_kill_num else None
             while coordinator.proc.poll() is None:
                 for event in tail.poll():
