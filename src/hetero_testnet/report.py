@@ -15,7 +15,10 @@ Definitions (the report repeats them, so a reader need not open this file):
   each client evaluates its own replica, and a tier's value is the mean over the replicas that
   evaluated it (the per-replica numbers are listed separately).
 - loss statistics use finished runs only; health counts (NaN/Inf, gradient-norm explosions, client
-  crashes) use every run directory present, finished or not.
+  crashes, drops and discarded steps) use every run directory present, finished or not.
+- *clients completed*: connected at the end with exit code 0 and never killed; *crashed*: the rest.
+  *client drops*: `client_lost` events (a dropped client may rejoin and still complete);
+  *steps discarded*: `step_discarded` events (a failed round, dropped whole and retried).
 - *NaN/Inf count*: `client_step` records whose loss is null or not finite (a null loss of a client
   that trained no tokens that step is missing, not NaN), whose grad_norm is not finite or whose
   `nan_inf` flag is set, plus `eval` records whose val_loss is null or not finite.
@@ -92,6 +95,10 @@ class RunResult:
     clients_total: int
     clients_completed: int
     clients_crashed: int
+    client_drops: int
+    """`client_lost` events (a client dropped or vanished; it may have rejoined and completed)."""
+    steps_discarded: int
+    """`step_discarded` events (a round dropped whole after a failure; the step was retried)."""
     val_curve: dict[int, dict[int, float]] = field(default_factory=dict)
     train_curve: dict[int, dict[int, float]] = field(default_factory=dict)
 
@@ -121,7 +128,8 @@ class RunResult:
             "val_num_samples": self.val_num_samples, "nan_inf_count": self.nan_inf_count,
             "grad_norm_explosions": self.grad_norm_explosions, "grad_norm_max": _num(self.grad_norm_max),
             "clients_total": self.clients_total, "clients_completed": self.clients_completed,
-            "clients_crashed": self.clients_crashed,
+            "clients_crashed": self.clients_crashed, "client_drops": self.client_drops,
+            "steps_discarded": self.steps_discarded,
         }
 
 
@@ -146,6 +154,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
     committed: dict[int, dict[str, Any]] = {}
     evals: dict[int, list[dict[str, Any]]] = defaultdict(list)
     lost: set[int] = set()
+    drops = discarded = 0
     finished_event: dict[str, Any] = {}
     for e in events:
         kind, cid, step = e.get("event"), e.get("client_id"), e.get("step")
@@ -161,6 +170,9 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
             evals[step].append(e)
         elif kind == "client_lost" and cid is not None:
             lost.add(cid)
+            drops += 1
+        elif kind == "step_discarded":
+            discarded += 1
         elif kind == "run_finished":
             finished_event = e
 
@@ -255,6 +267,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
         val_step=val_step, val_loss_by_tier=val_by_tier, val_by_replica=val_by_replica, val_num_samples=num_samples,
         nan_inf_count=nan_inf, grad_norm_explosions=len(exploded_steps), grad_norm_max=gmax,
         clients_total=total, clients_completed=completed, clients_crashed=total - completed,
+        client_drops=drops, steps_discarded=discarded,
         val_curve=dict(val_curve), train_curve=dict(train_curve))
 
 
@@ -293,7 +306,9 @@ class ConfigResult:
                 "grad_norm_explosions": sum(r.grad_norm_explosions for r in self.runs),
                 "grad_norm_max": max(gmax) if gmax else None,
                 "clients_completed": sum(r.clients_completed for r in self.runs),
-                "clients_crashed": sum(r.clients_crashed for r in self.runs)}
+                "clients_crashed": sum(r.clients_crashed for r in self.runs),
+                "client_drops": sum(r.client_drops for r in self.runs),
+                "steps_discarded": sum(r.steps_discarded for r in self.runs)}
 
 
 @dataclass
@@ -412,7 +427,7 @@ def csv_columns(tiers: Sequence[int]) -> list[str]:
         cols += [f"{m}_diff_vs_baseline", f"{m}_diff_ci95_low", f"{m}_diff_ci95_high", f"{m}_diff_p_welch",
                  f"{m}_diff_p_holm", f"{m}_diff_significant"]
     cols += ["nan_inf_count", "grad_norm_threshold", "grad_norm_explosions", "grad_norm_max",
-             "clients_completed", "clients_crashed", "baseline"]
+             "clients_completed", "clients_crashed", "client_drops", "steps_discarded", "baseline"]
     return cols
 
 

@@ -145,13 +145,15 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
     lines += ["## Throughput and health", ""]
     header = ["configuration", "steps completed", "wall time (s)", "train tokens/s", "NaN/Inf count",
               f"grad-norm explosions (> {report.grad_norm_threshold:g})", "max grad norm (pre-clip)",
-              "clients completed", "clients crashed", "runs not finished", "failed attempts"]
+              "clients completed", "clients crashed", "client drops (may rejoin)", "steps discarded",
+              "runs not finished", "failed attempts"]
     rows = []
     for c in report.configs:
         h = c.health()
         rows.append([f"`{c.label}`", fmt_ci(c.stat("steps_completed"), 1), fmt_ci(c.stat("wall_time_s"), 1),
                      fmt_ci(c.stat("train_tokens_per_sec"), 0), h["nan_inf_count"], h["grad_norm_explosions"],
                      fmt(h["grad_norm_max"], 3), h["clients_completed"], h["clients_crashed"],
+                     h["client_drops"], h["steps_discarded"],
                      c.runs_not_finished, c.failed_attempts])
     lines += _table(header, rows)
     lines += ["", "Train tokens/s = tokens of committed steps / their summed step wall time, leaving out rounds "
@@ -204,7 +206,9 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
               "`val_loss_tier<t>`: final validation loss of the tier-t (sub)model, tier 0 = full model; "
               "`*_diff_vs_baseline` = config − baseline with its Welch CI, p and Holm p, `*_diff_significant` "
               "yes/no/n/a; `nan_inf_count`, `grad_norm_explosions` (steps with pre-clip grad norm > "
-              "`grad_norm_threshold`), `clients_completed`/`clients_crashed` summed over the runs present.", ""]
+              "`grad_norm_threshold`), `clients_completed`/`clients_crashed` (connected at the end with exit code 0 "
+              "and never killed / the rest), `client_drops` (`client_lost` events; a dropped client may rejoin), "
+              "`steps_discarded`, all summed over the runs present.", ""]
     return "\n".join(lines)
 
 
@@ -267,12 +271,17 @@ def conclusions(report: Report) -> list[str]:
                "three training-loss log lines, from clients that never shared gradients; they are not comparable "
                "with the validation losses here.")
     health = [c for c in report.configs if c.health()["nan_inf_count"] or c.health()["grad_norm_explosions"]
-              or c.health()["clients_crashed"]]
+              or c.health()["clients_crashed"] or c.health()["steps_discarded"]]
     if health:
-        out.append("Health problems (NaN/Inf, gradient-norm explosions or crashed clients) occurred in: "
+        out.append("Health problems (NaN/Inf, gradient-norm explosions, crashed clients or discarded steps) "
+                   "occurred in: "
                    + ", ".join(f"`{c.label}`" for c in health) + "; their losses deserve suspicion.")
     else:
-        out.append("No NaN/Inf values, gradient-norm explosions or crashed clients were recorded.")
+        out.append("No NaN/Inf values, gradient-norm explosions, crashed clients or discarded steps were recorded.")
+    drops = sum(c.health()["client_drops"] for c in report.configs)
+    if drops:
+        out.append(f"{drops} client drop(s) were recorded (see the health table); a client that rejoined resumed "
+                   "from the shared state, so its run is still one model, but its timing numbers include the pause.")
     unfinished = [c for c in report.configs if c.runs_not_finished]
     if unfinished:
         out.append("Not every planned run finished (" + ", ".join(f"`{c.label}`: {c.runs_not_finished}"
