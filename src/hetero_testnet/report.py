@@ -16,7 +16,9 @@ Definitions (the report repeats them, so a reader need not open this file):
   evaluated it (the per-replica numbers are listed separately).
 - loss statistics use finished runs only; health counts (NaN/Inf, gradient-norm explosions, client
   crashes, drops and discarded steps) use every run directory present, finished or not.
-- *clients completed*: connected at the end with exit code 0 and never killed; *crashed*: the rest.
+- *clients completed*: in a finished run, connected at the end and never killed; *crashed*: the
+  rest. *nonzero exits*: client processes whose exit code was not 0, whether during training or
+  after it (a process that aborts at shutdown after the last step still completed its training).
   *client drops*: `client_lost` events (a dropped client may rejoin and still complete);
   *steps discarded*: `step_discarded` events (a failed round, dropped whole and retried).
 - *NaN/Inf count*: `client_step` records whose loss is null or not finite (a null loss of a client
@@ -99,6 +101,8 @@ class RunResult:
     """`client_lost` events (a client dropped or vanished; it may have rejoined and completed)."""
     steps_discarded: int
     """`step_discarded` events (a round dropped whole after a failure; the step was retried)."""
+    client_nonzero_exits: int
+    """Client processes that exited with a code other than 0 (summary.json), during or after training."""
     val_curve: dict[int, dict[int, float]] = field(default_factory=dict)
     train_curve: dict[int, dict[int, float]] = field(default_factory=dict)
 
@@ -129,7 +133,7 @@ class RunResult:
             "grad_norm_explosions": self.grad_norm_explosions, "grad_norm_max": _num(self.grad_norm_max),
             "clients_total": self.clients_total, "clients_completed": self.clients_completed,
             "clients_crashed": self.clients_crashed, "client_drops": self.client_drops,
-            "steps_discarded": self.steps_discarded,
+            "steps_discarded": self.steps_discarded, "client_nonzero_exits": self.client_nonzero_exits,
         }
 
 
@@ -245,13 +249,10 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
 
     # clients
     clients = summary.get("clients") or {}
-    if clients:
-        total = len(clients)
-        completed = sum(1 for c in clients.values()
-                        if c.get("connected_at_end") and c.get("exit_code") in (0, None) and not c.get("kills"))
-    else:
-        total = len(client_tiers)
-        completed = len(set(client_tiers) - lost) if summary else 0
+    total = len(clients) if clients else len(client_tiers)
+    completed = sum(1 for c in clients.values() if c.get("connected_at_end") and not c.get("kills")) \
+        if summary.get("status") == "finished" else 0
+    bad_exits = sum(1 for c in clients.values() if c.get("exit_code") not in (0, None))
     # summary.json is authoritative (the runner reruns a directory without one); without it: partial
     status = summary.get("status") or "partial"
     reason = summary.get("reason") or (
@@ -267,7 +268,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
         val_step=val_step, val_loss_by_tier=val_by_tier, val_by_replica=val_by_replica, val_num_samples=num_samples,
         nan_inf_count=nan_inf, grad_norm_explosions=len(exploded_steps), grad_norm_max=gmax,
         clients_total=total, clients_completed=completed, clients_crashed=total - completed,
-        client_drops=drops, steps_discarded=discarded,
+        client_drops=drops, steps_discarded=discarded, client_nonzero_exits=bad_exits,
         val_curve=dict(val_curve), train_curve=dict(train_curve))
 
 
@@ -308,7 +309,8 @@ class ConfigResult:
                 "clients_completed": sum(r.clients_completed for r in self.runs),
                 "clients_crashed": sum(r.clients_crashed for r in self.runs),
                 "client_drops": sum(r.client_drops for r in self.runs),
-                "steps_discarded": sum(r.steps_discarded for r in self.runs)}
+                "steps_discarded": sum(r.steps_discarded for r in self.runs),
+                "client_nonzero_exits": sum(r.client_nonzero_exits for r in self.runs)}
 
 
 @dataclass
@@ -427,7 +429,8 @@ def csv_columns(tiers: Sequence[int]) -> list[str]:
         cols += [f"{m}_diff_vs_baseline", f"{m}_diff_ci95_low", f"{m}_diff_ci95_high", f"{m}_diff_p_welch",
                  f"{m}_diff_p_holm", f"{m}_diff_significant"]
     cols += ["nan_inf_count", "grad_norm_threshold", "grad_norm_explosions", "grad_norm_max",
-             "clients_completed", "clients_crashed", "client_drops", "steps_discarded", "baseline"]
+             "clients_completed", "clients_crashed", "client_drops", "steps_discarded", "client_nonzero_exits",
+             "baseline"]
     return cols
 
 

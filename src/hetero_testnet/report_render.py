@@ -146,6 +146,7 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
     header = ["configuration", "steps completed", "wall time (s)", "train tokens/s", "NaN/Inf count",
               f"grad-norm explosions (> {report.grad_norm_threshold:g})", "max grad norm (pre-clip)",
               "clients completed", "clients crashed", "client drops (may rejoin)", "steps discarded",
+              "client non-zero exits",
               "runs not finished", "failed attempts"]
     rows = []
     for c in report.configs:
@@ -153,7 +154,7 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
         rows.append([f"`{c.label}`", fmt_ci(c.stat("steps_completed"), 1), fmt_ci(c.stat("wall_time_s"), 1),
                      fmt_ci(c.stat("train_tokens_per_sec"), 0), h["nan_inf_count"], h["grad_norm_explosions"],
                      fmt(h["grad_norm_max"], 3), h["clients_completed"], h["clients_crashed"],
-                     h["client_drops"], h["steps_discarded"],
+                     h["client_drops"], h["steps_discarded"], h["client_nonzero_exits"],
                      c.runs_not_finished, c.failed_attempts])
     lines += _table(header, rows)
     lines += ["", "Train tokens/s = tokens of committed steps / their summed step wall time, leaving out rounds "
@@ -206,9 +207,10 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
               "`val_loss_tier<t>`: final validation loss of the tier-t (sub)model, tier 0 = full model; "
               "`*_diff_vs_baseline` = config − baseline with its Welch CI, p and Holm p, `*_diff_significant` "
               "yes/no/n/a; `nan_inf_count`, `grad_norm_explosions` (steps with pre-clip grad norm > "
-              "`grad_norm_threshold`), `clients_completed`/`clients_crashed` (connected at the end with exit code 0 "
-              "and never killed / the rest), `client_drops` (`client_lost` events; a dropped client may rejoin), "
-              "`steps_discarded`, all summed over the runs present.", ""]
+              "`grad_norm_threshold`), `clients_completed`/`clients_crashed` (in a finished run, connected at the "
+              "end and never killed / the rest), `client_drops` (`client_lost` events; a dropped client may "
+              "rejoin), `steps_discarded`, `client_nonzero_exits` (client processes exiting non-zero, during or "
+              "after training), all summed over the runs present.", ""]
     return "\n".join(lines)
 
 
@@ -271,9 +273,11 @@ def conclusions(report: Report) -> list[str]:
                "three training-loss log lines, from clients that never shared gradients; they are not comparable "
                "with the validation losses here.")
     health = [c for c in report.configs if c.health()["nan_inf_count"] or c.health()["grad_norm_explosions"]
-              or c.health()["clients_crashed"] or c.health()["steps_discarded"]]
+              or c.health()["clients_crashed"] or c.health()["steps_discarded"]
+              or c.health()["client_nonzero_exits"]]
     if health:
-        out.append("Health problems (NaN/Inf, gradient-norm explosions, crashed clients or discarded steps) "
+        out.append("Health problems (NaN/Inf, gradient-norm explosions, crashed clients, discarded steps or "
+                   "client processes exiting non-zero) "
                    "occurred in: "
                    + ", ".join(f"`{c.label}`" for c in health) + "; their losses deserve suspicion.")
     else:

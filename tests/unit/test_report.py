@@ -194,7 +194,7 @@ def test_load_run_crashed_client_and_partial_run(tmp_path: Path):
     synth_run(tmp_path / "lost", tiers=[0, 0, 1], seed=1, steps=10, lost_client=3)
     r = load_run(tmp_path / "lost", last_k=3)
     assert (r.clients_total, r.clients_completed, r.clients_crashed) == (3, 2, 1)
-    assert (r.client_drops, r.steps_discarded) == (1, 0)
+    assert (r.client_drops, r.steps_discarded, r.client_nonzero_exits) == (1, 0, 1)
     assert 1 not in r.train_loss_by_tier          # the lost tier-1 client has no step in the window
     synth_run(tmp_path / "partial", tiers=[0], seed=1, steps=4, write_summary=False)
     p = load_run(tmp_path / "partial")
@@ -241,7 +241,7 @@ def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
                 "val_loss_tier1_mean", "val_loss_tier0_diff_vs_baseline", "val_loss_tier0_diff_p_welch",
                 "val_loss_tier0_diff_significant", "steps_completed_mean", "wall_time_s_mean",
                 "train_tokens_per_sec_mean", "nan_inf_count", "grad_norm_explosions", "clients_completed",
-                "clients_crashed", "client_drops", "steps_discarded", "last_k"]:
+                "clients_crashed", "client_drops", "steps_discarded", "client_nonzero_exits", "last_k"]:
         assert col in header
     by = {r["config"]: r for r in rows}
     assert by["0-1"]["val_loss_tier0_diff_significant"] == "yes"
