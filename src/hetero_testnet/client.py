@@ -163,10 +163,10 @@ class Client:
 
     def run(self) -> int:
         welcome = self.connect()
-        self.setup(welcome)
         self._stopping = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
+            self.setup(welcome)  # building the model can take seconds: heartbeats already flow
             return self._loop()
         finally:
             self._stopping.set()

@@ -223,7 +223,8 @@ class Coordinator:
         previous = self.members.get(client_id)
         if previous is not None and previous.alive:
             self._mark_lost(previous, "replaced by a new connection with the same client id")
-        fresh_start = self.state in ("Uninitialized", "WaitingForMembers") and self.generation < 0
+        # Until a step is committed, every client holds the start state (seed or resumed checkpoint).
+        fresh_start = self.step == self.opts.start_step
         member = Member(client_id=client_id, tier=hello.tier, ffn_width=width,
                         helper_fraction=hello.helper_fraction, writer=writer, host=hello.host or str(peer),
                         pid=hello.pid, incarnation=(previous.incarnation + 1) if previous else 0,
