@@ -147,22 +147,25 @@ class MaskedAdamW:
         new_step = step + 1.0
         bc1 = _bias_correction(new_step, b1)
         bc2 = _bias_correction(new_step, b2)
-        # exp_avg.lerp_(grad, 1 - b1) and v * b2 + (1 - b2) * g * g, as torch.optim.AdamW, unfused
-        new_m = m + (grad - m) * (1.0 - b1)
-        new_v = v * b2 + ((1.0 - b2) * grad) * grad
         if isinstance(bc1, float):
             step_size: torch.Tensor | float = lr / bc1
-            denom = torch.sqrt(new_v) / bc2 ** 0.5 + self.eps
+            bc2_sqrt: torch.Tensor | float = bc2 ** 0.5
         else:
             # per neuron: the same Python double values, rounded to fp32 as torch rounds scalars
             step_size = (lr / bc1.double()).float()
-            denom = torch.sqrt(new_v) / torch.sqrt(bc2.double()).float() + self.eps
-        new_p = p * (1.0 - lr * self.weight_decay) if p.dim() >= 2 else p
-        new_p = new_p - step_size * (new_m / denom)
+            bc2_sqrt = torch.sqrt(bc2.double()).float()
+        # Unmasked: update in place (the embedding and head are 12.9 M elements each, so every
+        # temporary counts). Masked: compute on copies, then keep them only where the mask is True.
+        new_p, new_m, new_v = (p, m, v) if mask is None else (p.detach().clone(), m.clone(), v.clone())
+        if p.dim() >= 2:
+            new_p.mul_(1.0 - lr * self.weight_decay)  # decoupled weight decay, matrices only
+        tmp = torch.sub(grad, new_m)
+        new_m.add_(tmp.mul_(1.0 - b1))  # m + (g - m)(1 - b1): torch's exp_avg.lerp_(g, 1 - b1)
+        torch.mul(grad, 1.0 - b2, out=tmp)
+        new_v.mul_(b2).add_(tmp.mul_(grad))  # v b2 + ((1 - b2) g) g: torch's addcmul_
+        denom = torch.sqrt(new_v).div_(bc2_sqrt).add_(self.eps)
+        new_p.sub_(torch.div(new_m, denom, out=denom).mul_(step_size))  # p - step_size * m / denom
         if mask is None:
-            p.copy_(new_p)
-            m.copy_(new_m)
-            v.copy_(new_v)
             step.copy_(new_step)
         else:
             p.copy_(torch.where(mask, new_p, p))
