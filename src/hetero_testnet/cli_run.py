@@ -7,6 +7,7 @@ HETERO_TESTNET_TOKEN or a `--token-file`). The token never appears on a command 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shlex
@@ -427,4 +428,10 @@ def client(
                          threads=threads, device=dev, data_dir=data_dir, coordinator_timeout_s=coordinator_timeout)
     state: dict[str, Any] = {}
     setup_logging(lambda: f"[client {opts.client_id or '?'} tier {tier}]", stream=sys.stderr, verbose=verbose)
-    raise typer.Exit(run_client(opts))
+    code = run_client(opts)
+    # Leave without running C++ static destructors: a torch.distributed store or group torn down at
+    # interpreter exit has aborted a finished client ("terminate called without an active exception").
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

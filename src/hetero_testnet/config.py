@@ -102,10 +102,14 @@ class DataConfig:
     """Held-out sequences every validation uses (the same ones every time)."""
     eval_every: int = 0
     """Validate the full model and every tier present every N steps (0 = only at the end)."""
+    eval_tiers: tuple[int, ...] = ()
+    """Tiers validated even if no client trains them (e.g. the tier-1 submodel of a 0,0,0 run)."""
 
     def __post_init__(self) -> None:
         _require(self.val_samples >= 1, "validation.num_samples must be >= 1")
         _require(self.eval_every >= 0, "validation.eval_every must be >= 0")
+        _require(all(isinstance(t, int) and t >= 0 for t in self.eval_tiers),
+                 "validation.tiers must be integers >= 0")
 
     @property
     def resolved_val_dir(self) -> Path:
@@ -206,6 +210,7 @@ class RunConfig:
             "pattern": self.data.val_pattern,
             "num_samples": self.data.val_samples,
             "eval_every": self.data.eval_every,
+            "tiers": list(self.data.eval_tiers),
         }
         return {"run_id": self.run_id, "seed": self.seed, "config": timing,
                 "model": {"LLM": llm}, "validation": validation}
@@ -307,7 +312,15 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
         return tuple(float(v) for v in value)
     if kind is dict and isinstance(value, dict):
         return value
+    if kind is list and isinstance(value, list):
+        return value
     raise ConfigError(f"config field {name} must be {kind.__name__} (got {value!r})")
+
+
+def _int_tuple(values: list, name: str) -> tuple[int, ...]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"config field {name} must be a list of integers (got {values!r})")
+    return tuple(values)
 
 
 def _dataclass_from(cls: type, fields: _Fields, names: dict[str, type]) -> Any:
@@ -375,6 +388,7 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
         val_pattern=val.take("pattern", str, DataConfig.__dataclass_fields__["val_pattern"].default),
         val_samples=val.take("num_samples", int, 32),
         eval_every=val.take("eval_every", int, 0),
+        eval_tiers=_int_tuple(val.take("tiers", list, []), "validation.tiers"),
     )
     val.done()
     top.done()

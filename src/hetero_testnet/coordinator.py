@@ -532,7 +532,9 @@ class Coordinator:
         self.data_index += batch
 
     def eval_tiers(self) -> list[int]:
-        return sorted({0} | {m.tier for m in self.members.values()})
+        present = {m.tier for m in self.members.values()}
+        wanted = {t for t in self.cfg.data.eval_tiers if self.cfg.model.intermediate_size >> t >= 1}
+        return sorted({0} | present | wanted)
 
     def request_eval(self, final: bool) -> int:
         """Spread validation over the members (replicas are identical, so any can do any tier)."""

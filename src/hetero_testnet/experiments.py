@@ -120,6 +120,8 @@ class ExperimentSpec:
     """Committed steps per run (config.total_steps); the LR schedule stays the base config's."""
     eval_every: int | None
     """Validation every N steps (and always at the end); None keeps the base config's value."""
+    eval_tiers: tuple[int, ...]
+    """Tiers validated in every run even if no client trains them (so every mix has them all)."""
     deadlines: dict[str, float]
     """Overrides of the config's straggler deadlines (s); keys from DEADLINE_FIELDS."""
     seeds: tuple[int, ...]
@@ -182,6 +184,9 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     _require(steps >= 1, f"{where}: steps must be >= 1 (got {steps})")
     eval_every = _take(top, "eval_every", int, where, None)
     _require(eval_every is None or eval_every >= 0, f"{where}: eval_every must be >= 0")
+    eval_tiers = tuple(_take(top, "eval_tiers", list, where, []))
+    _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eval_tiers),
+             f"{where}: eval_tiers must be integers >= 0")
     seeds = _seeds(_take(top, "seeds", list, where, [1]), f"{where}: seeds")
     deadlines_raw = dict(_take(top, "deadlines", dict, where, {}) or {})
     deadlines = {k: float(_take(deadlines_raw, k, (int, float), f"{where}: deadlines"))
@@ -212,7 +217,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
                           hint=f"labels: {', '.join(labels)}")
     spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
-                          base_config=base_config, steps=steps, eval_every=eval_every, deadlines=deadlines,
+                          base_config=base_config, steps=steps, eval_every=eval_every, eval_tiers=eval_tiers,
+                          deadlines=deadlines,
                           seeds=seeds,
                           run_timeout_s=run_timeout_s, threads=threads, report=report,
                           configurations=configurations)
@@ -271,6 +277,8 @@ def build_derived_config(spec: ExperimentSpec) -> RunConfig:
     cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps, **spec.deadlines))
     if spec.eval_every is not None:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=spec.eval_every))
+    if spec.eval_tiers:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_tiers=spec.eval_tiers))
     return cfg
 
 
