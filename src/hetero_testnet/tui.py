@@ -376,6 +376,17 @@ def _signals_as_flags(flags: list[str]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def terminal_console(*, stderr: bool = False) -> Console:
+    """A Console that follows the real terminal size, even when COLUMNS/LINES are exported.
+
+    Rich lets COLUMNS/LINES override the terminal size and reads them once, at construction; GNU readline
+    exports them in any process that loaded it (a Python REPL, pytest), so a child dashboard would be
+    drawn at a stale 80x24 and never follow a resize. Without them Rich asks the terminal on every frame.
+    """
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return Console(stderr=stderr, _environ=environ)
+
+
 def _live(console: Console) -> Live:
     return Live(console=console, screen=True, auto_refresh=True, refresh_per_second=REFRESH_PER_SECOND,
                 redirect_stdout=False, redirect_stderr=False, transient=False)
@@ -402,7 +413,7 @@ def run_with_dashboard(launcher_cls: Callable[..., LauncherLike], plan: Any, *,
     The stop request (q, Ctrl-C, SIGTERM, SIGHUP) is held until the coordinator has started (its signal
     handlers are installed only then); until the worker thread ends the dashboard keeps rendering.
     """
-    console = console or Console()
+    console = console or terminal_console()
     inbox: queue.Queue[dict[str, Any]] = queue.Queue()
     launcher = launcher_cls(plan, on_event=inbox.put)
     outcome: dict[str, Any] = {}
@@ -450,8 +461,7 @@ def run_with_dashboard(launcher_cls: Callable[..., LauncherLike], plan: Any, *,
         _drain(inbox, snap)
         live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)),
                     refresh=True)
-    err = Console(stderr=True)
-    print_after_close(snap, logs_dir=str(run_dir), out=console, err=err)
+    print_after_close(snap, logs_dir=str(run_dir), out=console, err=terminal_console(stderr=True))
     if "error" in outcome:
         raise outcome["error"]
     return int(outcome.get("code", 1))
@@ -469,7 +479,7 @@ def _drain(inbox: queue.Queue[dict[str, Any]], snap: RunSnapshot) -> None:
 
 def watch_run(run_dir: Path, *, console: Console | None = None) -> int:
     """Follow `run_dir/events.jsonl` read-only until q (or Ctrl-C); returns 0. The run is never touched."""
-    console = console or Console()
+    console = console or terminal_console()
     tail = EventTail(run_dir / EVENTS_FILE)
     snap = RunSnapshot(name=run_dir.name)
     view = View(mode="watch", logs_dir=str(run_dir / EVENTS_FILE))
@@ -482,7 +492,7 @@ def watch_run(run_dir: Path, *, console: Console | None = None) -> int:
             live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)))
             if "q" in keys.read(LOOP_TICK_S).lower() or signals:
                 break
-    print_after_close(snap, logs_dir=str(run_dir), out=console, err=Console(stderr=True))
+    print_after_close(snap, logs_dir=str(run_dir), out=console, err=terminal_console(stderr=True))
     return 0
 
 

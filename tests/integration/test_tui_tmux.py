@@ -7,12 +7,14 @@ exits with 130 (or 0 if the run had already finished), summary.json says interru
 line is printed after the alternate screen closed, and no process of the run is left.
 
 A private tmux server (`-L <unique socket>`) keeps the test away from the user's sessions; its config sets
-`remain-on-exit` so the exit status of the pane can be read after the command ended.
+`remain-on-exit` so the last screen stays readable after the command ended. The pane's shell writes the
+exit code to a file: tmux 3.3 can report a dead pane with an empty `#{pane_dead_status}`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -69,11 +71,12 @@ def wait_for(what: str, check: Callable[[], bool], timeout_s: float, describe: C
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; last screen:\n{describe()}")
 
 
-def run_processes(markers: list[str]) -> list[psutil.Process]:
+def run_processes(markers: list[str], *, exclude: set[int]) -> list[psutil.Process]:
+    """Live processes whose command line names the run (the tmux server's own command line does too)."""
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = " ".join(p.info["cmdline"] or [])
-        if any(m in cmdline for m in markers) and p.pid != psutil.Process().pid:
+        if any(m in cmdline for m in markers) and p.pid not in exclude and p.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(p)
     return found
 
@@ -88,23 +91,28 @@ def test_dashboard_shows_the_run_and_q_stops_it_cleanly(tmp_path: Path) -> None:
     tmux = Tmux(tmp_path)
     markers = [name, str(logs_dir)]
     try:
-        tmux.start(f"cd {shlex.quote(str(ROOT))} && {command}")
+        exit_file = tmp_path / "exit_code"  # tmux 3.3 sometimes leaves #{pane_dead_status} empty
+        tmux.start(f"cd {shlex.quote(str(ROOT))} && {command}; echo $? > {shlex.quote(str(exit_file))}")
+        exclude = {os.getpid(), int(tmux.pane("#{pid}"))}  # this test and the tmux server
         row = {cid: re.compile(rf"│\s+{cid}\s+{tier}\s+{pct}\s+\S+\s+\w+\s+\d+\.\d{{4}}\s")
                for cid, tier, pct in ((1, 0, "100%"), (2, 1, "50%"))}
 
+        seen: list[str] = [""]
+
         def dashboard_ready() -> bool:
-            screen = tmux.screen()
+            screen = seen[0] = tmux.screen()
             return (name in screen and re.search(r"step \d+/40", screen) is not None and "ETA" in screen
                     and all(r.search(screen) for r in row.values()) and "q quit" in screen)
 
-        wait_for("the header and a row with a loss per client", dashboard_ready, 180, tmux.screen)
+        wait_for("the header and a row with a loss per client", dashboard_ready, 180, lambda: seen[0])
         shown = tmux.screen()
         print(f"\n--- captured screen (100x30) ---\n{shown}--- end ---")
         (tmp_path / "screen.txt").write_text(shown)
 
         tmux("send-keys", "-t", "run", "q")
-        wait_for("the run to stop after q", lambda: tmux.pane("#{pane_dead}") == "1", 120, tmux.screen)
-        status = int(tmux.pane("#{pane_dead_status}"))
+        wait_for("the run to stop after q", lambda: tmux.pane("#{pane_dead}") == "1" and exit_file.is_file(), 120,
+                 tmux.screen)
+        status = int(exit_file.read_text())
         final = tmux.screen()
         assert status in (0, 130), final
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -114,13 +122,13 @@ def test_dashboard_shows_the_run_and_q_stops_it_cleanly(tmp_path: Path) -> None:
         assert f"run {name} {summary['status']}" in final  # printed after the alternate screen closed
 
         def nothing_left() -> bool:
-            return not run_processes(markers)
+            return not run_processes(markers, exclude=exclude)
 
         wait_for("no process of the run to be left", nothing_left, 5,
-                 lambda: "\n".join(" ".join(p.cmdline()) for p in run_processes(markers)))
+                 lambda: "\n".join(" ".join(p.cmdline()) for p in run_processes(markers, exclude=exclude)))
     finally:
         tmux.kill()
-        for p in run_processes(markers):  # never leak processes into other tests, even on failure
+        for p in run_processes(markers, exclude={os.getpid()}):  # never leak processes, even on failure
             try:
                 p.kill()
             except psutil.NoSuchProcess:
