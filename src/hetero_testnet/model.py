@@ -104,6 +104,7 @@ class MLP(nn.Module):
                 # prefix: slices are views; their backward scatters into a zero full-shape gradient
                 gate, up, down = gate[:selection], up[:selection], down[:, :selection]
         elif selection is not None:
+            selection = selection.to(gate.device)
             gate, up, down = gate.index_select(0, selection), up.index_select(0, selection), \
                 down.index_select(1, selection)
         h = F.silu(F.linear(x, gate)) * F.linear(x, up)  # (B, T, I)
@@ -153,14 +154,15 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 need_h: bool, need_w: bool) -> torch.Tensor:
         N = h.shape[0]  # h (N, C), weight (V, C), targets (N,)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        acc = torch.float32 if h.device.type == "mps" else torch.float64  # MPS has no float64
+        loss_sum = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         for s in range(0, N, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]  # (n, C), (n,)
             logp = torch.log_softmax(F.linear(hc, weight), dim=-1)  # (n, V)
             target_logp = logp.gather(1, tc.unsqueeze(1))  # (n, 1)
-            loss_sum -= target_logp.sum(dtype=torch.float64)
+            loss_sum -= target_logp.sum(dtype=acc)
             if need_h or need_w:
                 g = logp.exp_()  # softmax, in place (n, V)
                 g.scatter_add_(1, tc.unsqueeze(1), torch.full_like(target_logp, -1.0))  # softmax - onehot

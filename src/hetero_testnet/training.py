@@ -70,15 +70,17 @@ def evaluate(model: NanoGPT, dataset: Samples, neurons: NeuronSet | None, num_sa
              batch_size: int) -> float:
     """Mean loss over validation samples `[0, num_samples)`: the same tokens every call.
 
-    Runs in eval mode under `no_grad` and restores the model's previous train/eval mode.
+    Batches go to the model's device. Runs in eval mode under `no_grad` and restores the
+    model's previous train/eval mode.
     """
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         total, count = 0.0, 0
         for start in range(0, num_samples, max(1, batch_size)):
             n = min(batch_size, num_samples - start)
-            tokens = dataset.batch(start, n)  # (n, T+1)
+            tokens = dataset.batch(start, n).to(device)  # (n, T+1)
             total += float(model.loss(tokens, neurons)) * n
             count += n
         return total / max(count, 1)
