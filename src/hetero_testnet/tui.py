@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich import box
-from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.layout import Layout
 from rich.live import Live
 from rich.panel import Panel
@@ -121,7 +121,7 @@ def render_header(snap: RunSnapshot, *, now: float, view: View) -> Panel:
     return Panel(Group(line1, line2), title=title, title_align="left", box=box.ROUNDED, padding=(0, 1))
 
 
-def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> Table:
+def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> RenderableType:
     """One row per client: id, tier, FFN width %, helpers, state, loss, step time, tokens/s, RSS, restarts."""
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1))
     for name, justify in (("client", "right"), ("tier", "right"), ("FFN", "right"), ("helpers", "right"),
@@ -139,8 +139,8 @@ def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> Table:
                       _fmt(r.step_time_s, ".3f"), _fmt(r.tokens_per_sec, ",.0f"), _fmt(r.rss_mb, ",.0f"), restarts)
     if len(shown) < len(rows):
         table.add_row("…", "", "", "", Text(f"{len(rows) - len(shown)} more", style="dim"), *[""] * 5)
-    if not rows:
-        table.add_row("", "", "", "", Text("no client has joined yet", style="dim"), *[""] * 5)
+    if not rows:  # a placeholder outside the table, so it does not squeeze the columns
+        return Group(table, Text("no client has joined yet", style="dim", justify="center"))
     return table
 
 
@@ -174,17 +174,17 @@ def feed_lines(items: list[FeedItem], start_ts: float | None, height: int) -> li
 
 
 def render_footer(snap: RunSnapshot, *, view: View) -> Text:
+    """Keys and the logs path; a notice (a key's acknowledgement, a pending stop) goes first."""
+    notice = Text(view.notice + "  ", style="bold yellow") if view.notice else Text()
     if view.mode == "run":
         keys = Text.assemble(("q", "bold reverse"), " quit (clean stop)  ", ("p", "bold reverse"),
                              " pause/resume  ", ("logs ", "dim"), view.logs_dir)
     else:
         keys = Text.assemble(("q", "bold reverse"), " close viewer (the run is not stopped)  ",
                              ("following ", "dim"), view.logs_dir)
-    if view.notice:
-        keys.append("  " + view.notice, style="bold yellow")
-    keys.no_wrap = True
-    keys.overflow = "ellipsis"
-    return keys
+    line = notice + keys
+    line.no_wrap, line.overflow = True, "ellipsis"
+    return line
 
 
 # ---------------------------------------------------------------- the loss chart
@@ -338,7 +338,7 @@ class _Keys:
             if sys.stdin.isatty():
                 self.fd = sys.stdin.fileno()
                 self.saved = termios.tcgetattr(self.fd)
-                tty.setcbreak(self.fd)
+                tty.setcbreak(self.fd, termios.TCSANOW)  # not TCSAFLUSH: keep a q typed during start-up
         except (ImportError, OSError, ValueError):
             self.fd = None
         return self

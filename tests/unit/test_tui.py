@@ -310,6 +310,13 @@ class FakeLauncher:
 
     def run(self) -> int:
         self.thread = threading.current_thread()
+        if self.plan.early_interrupt:
+            self.on_event(started(total=4)[0])
+            os.kill(os.getpid(), signal.SIGINT)
+            self.early_stop_seen = self.stopped.wait(0.5)  # must be held: no coordinator to signal yet
+            for e in started(total=4)[1:]:
+                self.on_event(e)
+            return 130 if self.stopped.wait(10.0) else 99
         for e in started(total=4):
             self.on_event(e)
         if self.plan.interrupt:
@@ -335,8 +342,10 @@ class FakeLauncher:
 
 
 class _Plan:
-    def __init__(self, run_dir: Path, *, interrupt: bool = False, fail: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, interrupt: bool = False, fail: bool = False,
+                 early_interrupt: bool = False) -> None:
         self.run_dir, self.interrupt, self.fail = run_dir, interrupt, fail
+        self.early_interrupt = early_interrupt
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -362,6 +371,15 @@ def test_ctrl_c_asks_the_launcher_for_a_clean_stop(tmp_path):
     assert code == 130
     assert FakeLauncher.instances[-1].stop_reasons == ["Ctrl-C"]
     assert "run demo interrupted" in buf.getvalue()
+
+
+def test_a_stop_before_the_coordinator_started_is_held_until_it_has(tmp_path):
+    FakeLauncher.instances.clear()
+    console, _ = _console()
+    code = run_with_dashboard(FakeLauncher, _Plan(tmp_path / "demo", early_interrupt=True), console=console)
+    launcher = FakeLauncher.instances[-1]
+    assert code == 130 and launcher.stop_reasons == ["Ctrl-C"]
+    assert launcher.early_stop_seen is False
 
 
 def test_a_launcher_error_is_raised_after_the_screen_closed(tmp_path):
@@ -406,3 +424,9 @@ def test_watch_without_events_is_a_config_error(tmp_path):
     assert "has no events.jsonl" in str(result.exception)
     result = CliRunner().invoke(_watch_app(), ["watch", str(tmp_path / "missing")])
     assert "does not exist" in str(result.exception)
+
+
+def test_a_notice_comes_first_in_the_footer():
+    view = View(logs_dir="/a/very/long/path/" * 8, notice="stopping cleanly (q pressed)…")
+    last = render_text(build_snapshot(started()), now=5.0, view=view, width=100, height=30).splitlines()[-1]
+    assert last.startswith("stopping cleanly (q pressed)…") and "q quit" in last and last.rstrip().endswith("…")
