@@ -360,7 +360,10 @@ class _Keys:
         if self.fd is not None:
             import termios
 
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            except (termios.error, OSError):  # the terminal is gone (hang-up): nothing to restore
+                pass
 
 
 @contextlib.contextmanager
@@ -428,43 +431,74 @@ def run_with_dashboard(launcher_cls: Callable[..., LauncherLike], plan: Any, *,
     run_dir = Path(plan.run_dir)
     snap = RunSnapshot(name=run_dir.name)
     view = View(mode="run", logs_dir=str(run_dir))
-    stop_reason: str | None = None
-    stop_sent = False
+    stop = _StopRequest(launcher)
     notice_until = 0.0
     signals: list[str] = []
-    with _signals_as_flags(signals), _Keys() as keys, _live(console) as live:
-        worker.start()
-        while worker.is_alive():
+    try:
+        with _signals_as_flags(signals), _Keys() as keys, _live(console) as live:
+            worker.start()
+            while worker.is_alive():
+                _drain(inbox, snap)
+                typed = keys.read(LOOP_TICK_S).lower()
+                if "q" in typed:
+                    stop.ask("q pressed")
+                if signals:
+                    stop.ask("Ctrl-C" if signals[0] == "SIGINT" else f"{signals[0]} received")
+                if "p" in typed and stop.reason is None:
+                    if stop.coordinator_up(snap) and snap.status is None:
+                        launcher.toggle_pause()
+                        view.notice = "resume requested" if snap.paused else "pausing at the next step boundary"
+                    else:
+                        view.notice = "not started yet: p ignored"
+                    notice_until = time.monotonic() + NOTICE_S
+                if stop.reason is not None:
+                    stop.deliver(snap)
+                    view.notice = f"stopping cleanly ({stop.reason})…"
+                elif view.notice and time.monotonic() > notice_until:
+                    view.notice = None
+                live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)))
+            worker.join()
             _drain(inbox, snap)
-            typed = keys.read(LOOP_TICK_S).lower()
-            if "q" in typed and stop_reason is None:
-                stop_reason = "q pressed"
-            if signals and stop_reason is None:
-                stop_reason = "Ctrl-C" if signals[0] == "SIGINT" else f"{signals[0]} received"
-            coordinator_up = snap.state != "Launching"  # its SIGTERM/SIGUSR1 handlers are installed
-            if "p" in typed and stop_reason is None:
-                if coordinator_up and snap.status is None:
-                    launcher.toggle_pause()
-                    view.notice = "resume requested" if snap.paused else "pausing at the next step boundary"
-                else:
-                    view.notice = "not started yet: p ignored"
-                notice_until = time.monotonic() + NOTICE_S
-            if stop_reason is not None:
-                if not stop_sent and coordinator_up:
-                    launcher.request_stop(stop_reason)
-                    stop_sent = True
-                view.notice = f"stopping cleanly ({stop_reason})…"
-            elif view.notice and time.monotonic() > notice_until:
-                view.notice = None
-            live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)))
-        worker.join()
-        _drain(inbox, snap)
-        live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)),
-                    refresh=True)
+            live.update(render_dashboard(snap, now=time.time(), view=view, height=_screen_height(console)),
+                        refresh=True)
+    finally:
+        if worker.is_alive():  # the screen failed (e.g. the terminal went away): never orphan the run
+            stop.ask("the dashboard failed")
+            while worker.is_alive():
+                _drain(inbox, snap)
+                stop.deliver(snap)
+                worker.join(LOOP_TICK_S)
     print_after_close(snap, logs_dir=str(run_dir), out=console, err=terminal_console(stderr=True))
     if "error" in outcome:
         raise outcome["error"]
     return int(outcome.get("code", 1))
+
+
+class _StopRequest:
+    """A clean stop asked for (q, a signal, a failing screen), delivered once the coordinator can take it.
+
+    The coordinator installs its SIGTERM/SIGUSR1 handlers before it emits its first event; a signal sent
+    earlier would kill it mid-start-up (and `Launcher.request_stop` before the coordinator exists is lost),
+    so the request waits for the first `state` event.
+    """
+
+    def __init__(self, launcher: LauncherLike) -> None:
+        self.launcher = launcher
+        self.reason: str | None = None
+        self.sent = False
+
+    def ask(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    @staticmethod
+    def coordinator_up(snap: RunSnapshot) -> bool:
+        return snap.state != "Launching"
+
+    def deliver(self, snap: RunSnapshot) -> None:
+        if self.reason is not None and not self.sent and self.coordinator_up(snap):
+            self.launcher.request_stop(self.reason)
+            self.sent = True
 
 
 def _drain(inbox: queue.Queue[dict[str, Any]], snap: RunSnapshot) -> None:

@@ -319,6 +319,8 @@ class FakeLauncher:
             return 130 if self.stopped.wait(10.0) else 99
         for e in started(total=4):
             self.on_event(e)
+        if self.plan.hold:
+            return 130 if self.stopped.wait(10.0) else 99
         if self.plan.interrupt:
             os.kill(os.getpid(), signal.SIGINT)  # the dashboard turns it into a clean stop request
             if not self.stopped.wait(10.0):
@@ -343,9 +345,9 @@ class FakeLauncher:
 
 class _Plan:
     def __init__(self, run_dir: Path, *, interrupt: bool = False, fail: bool = False,
-                 early_interrupt: bool = False) -> None:
+                 early_interrupt: bool = False, hold: bool = False) -> None:
         self.run_dir, self.interrupt, self.fail = run_dir, interrupt, fail
-        self.early_interrupt = early_interrupt
+        self.early_interrupt, self.hold = early_interrupt, hold
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -430,3 +432,24 @@ def test_a_notice_comes_first_in_the_footer():
     view = View(logs_dir="/a/very/long/path/" * 8, notice="stopping cleanly (q pressed)…")
     last = render_text(build_snapshot(started()), now=5.0, view=view, width=100, height=30).splitlines()[-1]
     assert last.startswith("stopping cleanly (q pressed)…") and "q quit" in last and last.rstrip().endswith("…")
+
+
+def test_a_failing_screen_still_stops_the_run_cleanly(tmp_path, monkeypatch):
+    import hetero_testnet.tui as tui
+
+    FakeLauncher.instances.clear()
+    calls = {"n": 0}
+    real = tui.render_dashboard
+
+    def flaky(*args: Any, **kwargs: Any):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(5, "Input/output error")  # e.g. the terminal went away
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tui, "render_dashboard", flaky)
+    console, _ = _console()
+    with pytest.raises(OSError):
+        run_with_dashboard(FakeLauncher, _Plan(tmp_path / "demo", hold=True), console=console)
+    launcher = FakeLauncher.instances[-1]
+    assert launcher.stop_reasons == ["the dashboard failed"] and not launcher.thread.is_alive()
