@@ -51,6 +51,7 @@ class Tmux:
 
     def start(self, command: str) -> None:
         self("new-session", "-d", "-s", "run", "-x", "100", "-y", "30", command)
+        self.socket_path = Path(self("display-message", "-p", "#{socket_path}").strip())
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "run")
@@ -60,6 +61,8 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        if getattr(self, "socket_path", None) is not None:
+            self.socket_path.unlink(missing_ok=True)
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float, describe: Callable[[], str]) -> None:
