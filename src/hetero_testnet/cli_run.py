@@ -12,7 +12,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -366,7 +365,7 @@ def coordinator(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the coordinator (control plane) of one run."""
-    from hetero_testnet.coordinator import Coordinator, CoordinatorOptions, run_coordinator
+    from hetero_testnet.coordinator import CoordinatorOptions, run_coordinator
     from hetero_testnet.events import setup_logging
 
     cfg = load_config_with_overrides(config_path, seed=seed, total_steps=total_steps)
@@ -412,7 +411,6 @@ def client(
     """Run one client: join a coordinator and train at a MatFormer tier."""
     from hetero_testnet.client import ClientOptions, run_client
     from hetero_testnet.events import setup_logging
-    from hetero_testnet.matformer import ffn_width
 
     host, port = parse_address(coordinator_address)
     if tier < 0:
@@ -426,7 +424,6 @@ def client(
     opts = ClientOptions(coordinator_host=host, coordinator_port=port, token=token, tier=tier, client_id=client_id,
                          helper_fraction=helper_fraction, helper_rotation_interval=helper_rotation_interval,
                          threads=threads, device=dev, data_dir=data_dir, coordinator_timeout_s=coordinator_timeout)
-    state: dict[str, Any] = {}
     setup_logging(lambda: f"[client {opts.client_id or '?'} tier {tier}]", stream=sys.stderr, verbose=verbose)
     code = run_client(opts)
     # Leave without running C++ static destructors: a torch.distributed store or group torn down at

@@ -20,8 +20,6 @@ Failure semantics (torchft's voted commit):
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import math
 import os
@@ -40,8 +38,9 @@ from hetero_testnet.assignment import assign_samples
 from hetero_testnet.config import RunConfig
 from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError
 from hetero_testnet.events import EventWriter
-from hetero_testnet.matformer import ffn_width
+from hetero_testnet.membership import Member, Membership
 from hetero_testnet.optim import lr_at
+from hetero_testnet.run_summary import build_summary, write_json_atomic
 
 log = logging.getLogger("hetero_testnet")
 
@@ -74,36 +73,6 @@ class CoordinatorOptions:
     """An already listening socket inherited from the launcher (so clients can start at once)."""
 
 
-@dataclass
-class Member:
-    client_id: int
-    tier: int
-    ffn_width: int
-    helper_fraction: float
-    writer: asyncio.StreamWriter
-    host: str
-    pid: int
-    incarnation: int
-    state_step: int | None
-    """The step whose state this client holds (None: unknown, it needs a broadcast)."""
-    alive: bool = True
-    in_generation: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
-    """When anything (a heartbeat included) last arrived from this client."""
-    steps_trained: int = 0
-    last_loss: float | None = None
-    nan_inf: int = 0
-    joins: int = 1
-
-    def send(self, message: P.Message) -> None:
-        if not self.alive:
-            return
-        try:
-            self.writer.write(P.encode(message))
-        except (OSError, RuntimeError) as e:
-            log.debug("send to client %s failed: %s", self.client_id, e)
-
-
 class RunAborted(HeteroTestnetError):
     """The run cannot go on; `status` is failed or interrupted."""
 
@@ -121,7 +90,6 @@ class Coordinator:
         self.init_min_clients = max(self.min_clients, self.t.init_min_clients if options.min_clients is None
                                     else options.min_clients)
         self.events = EventWriter(options.run_dir / "events.jsonl", run_id=config.run_id, role="coordinator")
-        self.members: dict[int, Member] = {}
         self.queue: asyncio.Queue[tuple[Member | None, P.Message | None]] = asyncio.Queue()
         self.state = "Uninitialized"
         self.state_since = time.time()
@@ -139,12 +107,13 @@ class Coordinator:
         self.eval_results: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.saved: dict[int, P.Saved] = {}
         self.val_losses: dict[str, float] = {}
-        self.counters = defaultdict(int)
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.membership = Membership(token=options.token, intermediate_size=config.model.intermediate_size,
+                                     events=self.events, counters=self.counters)
         self.started = time.time()
         self.train_time_s = 0.0
         self.tokens_trained = 0
         self.replicas_identical = True
-        self.next_client_id = 1
         self.lost_time_s = 0.0
         self.consecutive_discards = 0
         self.stop_reason: str | None = None
@@ -194,81 +163,39 @@ class Coordinator:
         return P.decode_body(await reader.readexactly(P.frame_length(header)))
 
     def _admit(self, hello: P.Message, writer: asyncio.StreamWriter, peer: Any) -> Member | None:
-        def reject(reason: str) -> None:
-            writer.write(P.encode(P.Reject(reason=reason)))
-            self.counters["rejected"] += 1
-            self.events.emit("client_rejected", level=logging.WARNING, peer=str(peer), reason=reason)
-
-        if not isinstance(hello, P.Hello):
-            reject("the first message must be hello")
-            return None
-        if not hmac.compare_digest(hello.token.encode(), self.opts.token.encode()):
-            reject("invalid run token")
-            return None
-        if self.state in ("Cooldown", "Finished"):
-            reject(f"the run is in state {self.state}")
-            return None
-        try:
-            width = ffn_width(self.cfg.model.intermediate_size, hello.tier)
-            if not 0.0 <= hello.helper_fraction <= 1.0:
-                raise ConfigError(f"helper fraction {hello.helper_fraction} is outside [0, 1]")
-        except ConfigError as e:
-            reject(str(e))
-            return None
-        client_id = hello.client_id
-        if client_id is None:
-            while self.next_client_id in self.members:
-                self.next_client_id += 1
-            client_id = self.next_client_id
-        previous = self.members.get(client_id)
-        if previous is not None and previous.alive:
-            self._mark_lost(previous, "replaced by a new connection with the same client id")
+        closed = f"the run is in state {self.state}" if self.state in ("Cooldown", "Finished") else None
         # Until a step is committed, every client holds the start state (seed or resumed checkpoint).
-        fresh_start = self.step == self.opts.start_step
-        member = Member(client_id=client_id, tier=hello.tier, ffn_width=width,
-                        helper_fraction=hello.helper_fraction, writer=writer, host=hello.host or str(peer),
-                        pid=hello.pid, incarnation=(previous.incarnation + 1) if previous else 0,
-                        state_step=self.step if fresh_start else None,
-                        joins=(previous.joins + 1) if previous else 1)
-        if previous is not None:
-            member.steps_trained, member.nan_inf = previous.steps_trained, previous.nan_inf
-            self.counters["rejoins"] += 1
-        self.members[client_id] = member
+        member = self.membership.admit(hello, writer, peer, step=self.step, closed_reason=closed,
+                                       holds_current_state=self.step == self.opts.start_step,
+                                       on_replaced=lambda old: self._mark_lost(old, "replaced by a new connection "
+                                                                                "with the same client id"))
+        if member is None:
+            return None
         writer.write(P.encode(P.Welcome(
-            run_id=self.cfg.run_id, client_id=client_id, config=self.cfg.to_dict(), seed=self.cfg.seed,
+            run_id=self.cfg.run_id, client_id=member.client_id, config=self.cfg.to_dict(), seed=self.cfg.seed,
             store_host=self.store_host, store_port=self.store_port, backend=self.opts.backend,
             sync=self.opts.sync,
             initial_checkpoint=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None,
             fault=self.opts.fault)))
         self.queue.put_nowait((member, JOINED))
-        self.events.emit("client_joined", client_id=client_id, step=self.step, tier=hello.tier, ffn_width=width,
-                         helper_fraction=hello.helper_fraction, pid=hello.pid, host=member.host,
-                         incarnation=member.incarnation, threads=hello.threads, device=hello.device)
         return member
 
     def _mark_lost(self, member: Member, reason: str) -> None:
-        if not member.alive:
-            return
-        member.alive = False
-        self.counters["clients_lost"] += 1
-        self.events.emit("client_lost", level=logging.WARNING, client_id=member.client_id, step=self.step,
-                         reason=reason)
-        if member.in_generation:
-            member.in_generation = False
+        if self.membership.mark_lost(member, reason, step=self.step):
             self.generation_broken = self.generation_broken or f"client {member.client_id} lost: {reason}"
-        try:
-            member.writer.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def _drop(self, member: Member, reason: str) -> None:
         """Remove a live but unresponsive client; it may rejoin when it wakes up."""
         member.send(P.Dropped(reason=reason))
-        self.counters["clients_dropped"] += 1
+        self.membership.counters["clients_dropped"] += 1
         self._mark_lost(member, f"dropped: {reason}")
 
+    @property
+    def members(self) -> dict[int, Member]:
+        return self.membership.members
+
     def alive_members(self) -> list[Member]:
-        return [m for m in self.members.values() if m.alive]
+        return self.membership.alive()
 
     def _handle_background(self, member: Member, message: P.Message) -> bool:
         """Messages that may arrive in any state. Returns True when handled."""
@@ -400,7 +327,8 @@ class Coordinator:
                 elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
                     self.generation_broken = f"client {member.client_id}: {message.reason}"
             if self.generation_broken or len(ready) < len(members):
-                self.events.emit("generation_failed", level=logging.WARNING, generation=self.generation,
+                self.events.emit("generation_failed", level=logging.WARNING, step=self.step,
+                                 generation=self.generation,
                                  reason=self.generation_broken or "timeout")
                 continue
             sums = {c: r.checksum for c, r in ready.items()}
@@ -450,6 +378,9 @@ class Coordinator:
             member, message = item
             if isinstance(message, P.Reduced) and message.step == self.step:
                 self.reduced[member.client_id] = message
+                self.events.emit("client_reduced", client_id=member.client_id, step=self.step, log=False,
+                                 loss=message.loss, compute_time_s=round(message.compute_time_s, 6),
+                                 exchange_time_s=round(message.exchange_time_s, 6))
                 self._log_witness(member, message, lr)
             elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
                 failure = f"client {member.client_id} failed step {self.step}: {message.reason}"
@@ -465,8 +396,7 @@ class Coordinator:
         return True
 
     def _hung(self, members: list[Member]) -> list[Member]:
-        now = time.monotonic()
-        return [m for m in members if m.alive and now - m.last_seen > HANG_TIMEOUT_S]
+        return self.membership.hung(members, HANG_TIMEOUT_S)
 
     def _drop_hung(self, hung: list[Member]) -> str:
         """Drop silent members; the others may be blocked in a collective with them, not hung."""
@@ -587,6 +517,7 @@ class Coordinator:
     async def run(self) -> tuple[str, str]:
         """Returns (status, reason)."""
         self.events.emit("run_started", step=self.step, config_source=str(self.cfg.source),
+                         name=self.opts.run_dir.name, intermediate_size=self.cfg.model.intermediate_size,
                          total_steps=self.t.total_steps, sync=self.opts.sync,
                          expected_clients=self.opts.expected_clients, min_clients=self.min_clients,
                          resumed_from=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None)
@@ -630,35 +561,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ lifecycle
     def summary(self, status: str, reason: str) -> dict[str, Any]:
-        wall = time.time() - self.started
-        clients = {}
-        finals = []
-        for m in sorted(self.members.values(), key=lambda m: m.client_id):
-            clients[str(m.client_id)] = {
-                "tier": m.tier, "ffn_width": m.ffn_width, "helper_fraction": m.helper_fraction,
-                "steps_trained": m.steps_trained, "final_train_loss": m.last_loss, "nan_inf_count": m.nan_inf,
-                "joins": m.joins, "connected_at_end": m.alive, "exit_code": None,
-            }
-            if m.last_loss is not None:
-                finals.append(m.last_loss)
-        return {
-            "run_id": self.cfg.run_id, "name": self.opts.run_dir.name, "status": status, "reason": reason,
-            "steps_completed": self.step, "total_steps": self.t.total_steps, "sync": self.opts.sync,
-            "wall_time_s": round(wall, 3), "train_time_s": round(self.train_time_s, 3),
-            "tokens_trained": self.tokens_trained,
-            "tokens_per_sec": round(self.tokens_trained / wall, 1) if wall > 0 else 0.0,
-            "mean_final_train_loss": sum(finals) / len(finals) if finals else None,
-            "final_val_loss": self.val_losses,
-            "val_num_samples": self.cfg.data.val_samples,
-            "replicas_identical": self.replicas_identical if self.opts.sync == "allreduce" else None,
-            "generations": self.generation + 1,
-            "discarded_steps": self.counters["discarded_steps"], "clients_lost": self.counters["clients_lost"],
-            "clients_dropped": self.counters["clients_dropped"], "rejoins": self.counters["rejoins"],
-            "rejected_connections": self.counters["rejected"], "nan_inf_steps": self.counters["nan_inf_steps"],
-            "time_lost_s": round(self.lost_time_s, 3),
-            "checkpoint": str(self.opts.run_dir / "checkpoint") if self.step in self.saved else None,
-            "clients": clients,
-        }
+        return build_summary(self, status, reason)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -679,7 +582,7 @@ class Coordinator:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGUSR1, self._toggle_pause)
-        _write_json_atomic(self.opts.run_dir / READY_FILE, {"host": self.opts.host, "port": port,
+        write_json_atomic(self.opts.run_dir / READY_FILE, {"host": self.opts.host, "port": port,
                                                             "store_port": self.store_port, "pid": os.getpid()})
         log.info("listening on %s:%d (store port %d)", self.opts.host, port, self.store_port)
         pinger = asyncio.create_task(self._ping_loop())
@@ -699,7 +602,7 @@ class Coordinator:
             pinger.cancel()
             self.set_state("Finished")
             summary = self.summary(status, reason)
-            _write_json_atomic(self.opts.run_dir / SUMMARY_FILE, summary)
+            write_json_atomic(self.opts.run_dir / SUMMARY_FILE, summary)
             self.events.emit("run_finished", step=self.step, status=status, reason=reason,
                              steps_completed=self.step, total_steps=self.t.total_steps,
                              replicas_identical=summary["replicas_identical"], final_val_loss=self.val_losses,
@@ -730,13 +633,6 @@ class Coordinator:
             await asyncio.sleep(PING_INTERVAL_S)
             for m in self.alive_members():
                 m.send(P.Ping(state=self.state))
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def run_coordinator(config: RunConfig, options: CoordinatorOptions) -> int:

@@ -28,6 +28,14 @@ from hetero_testnet.errors import PeerLostError
 log = logging.getLogger("hetero_testnet")
 
 
+def _short(e: BaseException) -> str:
+    """Gloo's messages carry source paths and banners: keep the first line, minus the path prefix."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line[:200]
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -61,7 +69,7 @@ class GradientExchange:
                                     timeout=timedelta(seconds=timeout_s))
         except Exception as e:  # noqa: BLE001
             self._drop()
-            raise PeerLostError(f"forming generation {generation} failed: {e}") from e
+            raise PeerLostError(f"forming generation {generation} failed: {_short(e)}") from e
         self.generation, self.rank, self.world_size = generation, rank, world_size
         return time.perf_counter() - t0
 
@@ -84,7 +92,7 @@ class GradientExchange:
         except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError/DistBackendError
             generation = self.generation
             self._drop()
-            raise PeerLostError(f"{what} failed in generation {generation}: {e}") from e
+            raise PeerLostError(f"{what} failed in generation {generation}: {_short(e)}") from e
 
     def _drop(self) -> None:
         try:

@@ -36,6 +36,7 @@ from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.coordinator import READY_FILE, SUMMARY_FILE
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import EventTail, EventWriter
+from hetero_testnet.run_summary import write_json_atomic
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
 TOKEN_FILE = ".token"
@@ -127,6 +128,10 @@ class Launcher:
         self.children: dict[str, Child] = {}
         self.token = secrets.token_hex(32)
         self.stop_requested: str | None = None
+        self.stop_sent = False
+        self.coordinator_ready = False
+        self.run_ending = False
+        """Set once the run is in Cooldown/Finished: no more fault kills or restarts."""
         self.rng = random.Random(plan.faults.seed)
         self.pending_restarts: list[tuple[float, int]] = []
         self.events: EventWriter | None = None
@@ -210,15 +215,22 @@ class Launcher:
         (p.run_dir / "config.yaml").write_text(header + dump_yaml(p.config.to_dict()))
 
     def request_stop(self, reason: str) -> None:
+        """Ask for a clean stop (status interrupted). Before the coordinator is ready (its signal
+        handlers installed) the request is held, and sent as soon as it is."""
         self.stop_requested = reason
+        self._forward_stop()
+
+    def _forward_stop(self) -> None:
         coordinator = self.children.get("coordinator")
-        if coordinator is not None and coordinator.proc.poll() is None:
+        if (self.stop_requested and not self.stop_sent and self.coordinator_ready and coordinator is not None
+                and coordinator.proc.poll() is None):
             coordinator.proc.send_signal(signal.SIGTERM)
+            self.stop_sent = True
 
     def toggle_pause(self) -> None:
         """Pause or resume the run at the next step boundary (the coordinator acts on SIGUSR1)."""
         coordinator = self.children.get("coordinator")
-        if coordinator is not None and coordinator.proc.poll() is None:
+        if self.coordinator_ready and coordinator is not None and coordinator.proc.poll() is None:
             coordinator.proc.send_signal(signal.SIGUSR1)
 
     def run(self) -> int:
@@ -244,14 +256,17 @@ class Launcher:
             for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
                 self._spawn_client(spec, address)
             self._wait_ready(coordinator)
+            self.coordinator_ready = True
+            self._forward_stop()
             next_kill = time.monotonic() + p.faults.random_kill_interval_s if p.faults.random_kill_num else None
             while coordinator.proc.poll() is None:
                 for event in tail.poll():
+                    self._note(event)
                     self.on_event(event)
                 now = time.monotonic()
                 if p.exit_after_s is not None and now - started >= p.exit_after_s and not self.stop_requested:
                     self.request_stop(f"--exit-after-secs {p.exit_after_s:g} reached")
-                if next_kill is not None and now >= next_kill:
+                if next_kill is not None and now >= next_kill and not self.run_ending:
                     self._random_kill()
                     next_kill = now + p.faults.random_kill_interval_s
                 self._restart_due(address)
@@ -264,6 +279,11 @@ class Launcher:
             for event in tail.poll():
                 self.on_event(event)
         return code
+
+    def _note(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "run_finished" or (event.get("event") == "state"
+                                                    and event.get("new") in ("Cooldown", "Finished")):
+            self.run_ending = True
 
     def _random_kill(self) -> None:
         f = self.plan.faults
@@ -279,6 +299,9 @@ class Launcher:
             self.pending_restarts.append((time.monotonic() + f.kill_restart_delay_s, child.client_id))
 
     def _restart_due(self, address: str) -> None:
+        if self.run_ending:
+            self.pending_restarts.clear()
+            return
         now = time.monotonic()
         due = [cid for t, cid in self.pending_restarts if t <= now]
         self.pending_restarts = [(t, cid) for t, cid in self.pending_restarts if t > now]
@@ -293,6 +316,8 @@ class Launcher:
         """Stop everything: coordinator first (it tells clients), then anything still alive."""
         coordinator = self.children.get("coordinator")
         if coordinator is not None:
+            if self.stop_requested and not self.stop_sent and coordinator.proc.poll() is None:
+                coordinator.proc.terminate()  # stopped before it was ready: nothing to save yet
             try:
                 code = coordinator.proc.wait(timeout=30 if self.stop_requested else 5)
             except subprocess.TimeoutExpired:
@@ -325,10 +350,13 @@ class Launcher:
             code = coordinator.proc.returncode if coordinator is not None else None
             reason = (f"coordinator exited with code {code} without a summary" if code is None or code >= 0
                       else f"coordinator killed by signal {signal.Signals(-code).name}")
-            summary = {"run_id": self.plan.config.run_id, "name": self.plan.run_dir.name, "status": "failed",
+            status = "interrupted" if self.stop_requested else "failed"
+            if self.stop_requested:
+                reason = f"stopped before the run started ({self.stop_requested})"
+            summary = {"run_id": self.plan.config.run_id, "name": self.plan.run_dir.name, "status": status,
                        "reason": reason, "steps_completed": None, "total_steps": self.plan.config.timing.total_steps,
                        "clients": {}}
-            self.events.emit("run_finished", status="failed", reason=reason, log=False)
+            self.events.emit("run_finished", status=status, reason=reason, log=False)
         else:
             summary = json.loads(path.read_text())
         for c in self.children.values():
@@ -341,9 +369,7 @@ class Launcher:
         summary["faults"] = {**self.fault_counts, **self.plan.faults.network()}
         if self.stop_requested and summary.get("status") == "interrupted":
             summary["reason"] = f"{summary.get('reason')} ({self.stop_requested})"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, summary)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
