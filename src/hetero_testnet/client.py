@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class ClientOptions:
     connect_timeout_s: float = 20.0
     fault_latency_ms: tuple[float, float] = (0.0, 0.0)
     fault_bandwidth_bytes_per_s: float = 0.0
-    status: dict[str, Any] = field(default_factory=dict)
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:
@@ -100,7 +99,6 @@ class Client:
         self.exchange: GradientExchange | None = None
         self.step_state: dict[str, Any] | None = None
         self.applied_step = 0
-        self.step_for_log: int | None = None
         self.rng = random.Random()
 
     # ------------------------------------------------------------------ setup
@@ -175,28 +173,19 @@ class Client:
         while True:
             try:
                 message = self.conn.recv(self.opts.coordinator_timeout_s)
+                if isinstance(message, P.Shutdown):
+                    log.info("shutdown: status=%s reason=%s", message.status, message.reason)
+                    self._close()
+                    return 0
+                if isinstance(message, P.Dropped):
+                    log.warning("dropped by the coordinator (%s); rejoining", message.reason)
+                    self._rejoin()
+                elif not isinstance(message, P.Ping):
+                    self.handle(message)
             except PeerLostError as e:
                 if self._was_dropped():
                     continue
                 log.error("coordinator lost: %s; exiting", e)
-                self._close()
-                return 1
-            if isinstance(message, P.Ping):
-                continue
-            if isinstance(message, P.Shutdown):
-                log.info("shutdown: status=%s reason=%s", message.status, message.reason)
-                self._close()
-                return 0
-            if isinstance(message, P.Dropped):
-                log.warning("dropped by the coordinator (%s); rejoining", message.reason)
-                self._rejoin()
-                continue
-            try:
-                self.handle(message)
-            except PeerLostError as e:
-                if self._was_dropped():
-                    continue
-                log.error("lost the coordinator while reporting: %s; exiting", e)
                 self._close()
                 return 1
 
@@ -302,7 +291,6 @@ class Client:
             time.sleep(delay)
 
     def on_round(self, r: P.Round) -> None:
-        self.step_for_log = r.step
         m = self.cfg.model
         neurons = build_neuron_set(m, self.opts.tier, self.opts.helper_fraction, self.opts.helper_rotation_interval,
                                    self.cfg.seed, r.step)
@@ -312,7 +300,7 @@ class Client:
         if r.sample_count > 0:
             tokens = self.train_data.batch(r.sample_start, r.sample_count).to(self.device)
             loss, n_tokens = forward_backward(self.model, tokens, neurons, self.cfg.micro_batch_size)
-            batches = r.sample_count if self.cfg.micro_batch_size == 0 else -(-r.sample_count // self.cfg.micro_batch_size)
+            batches = r.sample_count  # the reference's "batches" are sample ids: sequences trained
         else:
             self.buffer.zero_()
             loss, n_tokens, batches = float("nan"), 0, 0
