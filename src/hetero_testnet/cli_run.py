@@ -271,7 +271,7 @@ def start(
     run_dir: Path
     resume_ckpt = None
     if resume is not None:
-        from hetero_testnet.resume import latest_checkpoint
+        from hetero_testnet.checkpoint import latest_checkpoint
 
         run_dir = resume
         if not (resume / "config.yaml").is_file():
@@ -374,10 +374,12 @@ def coordinator(
     latency, jitter = parse_latency(fault_latency_ms)
     start_step, data_index = 0, 0
     if resume_checkpoint is not None:
-        from hetero_testnet.resume import load_checkpoint_meta
+        from hetero_testnet.checkpoint import load_checkpoint_meta
 
         meta = load_checkpoint_meta(resume_checkpoint)
-        start_step, data_index = int(meta["step"]), int(meta["data_index"])
+        if not all(isinstance(meta.get(k), int) for k in ("step", "data_index")):
+            raise ConfigError(f"{resume_checkpoint} records no step and data position; it cannot be resumed")
+        start_step, data_index = meta["step"], meta["data_index"]
     setup_logging(lambda: "[coordinator]", stream=sys.stderr, verbose=verbose)
     opts = CoordinatorOptions(
         run_dir=run_dir, token=token, host=bind, port=server_port, expected_clients=expect_clients, sync=sync,

@@ -46,7 +46,7 @@ from hetero_testnet.events import format_kv
 from hetero_testnet.exchange import GradientExchange
 from hetero_testnet.matformer import build_neuron_set, ffn_width, neuron_mask
 from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW
+from hetero_testnet.optim import MaskedAdamW, clip_coefficient
 from hetero_testnet.training import evaluate, forward_backward
 
 log = logging.getLogger("hetero_testnet")
@@ -317,9 +317,9 @@ class Client:
             log.warning("step %d: exchange failed: %s", r.step, e)
             self.conn.send(P.RoundFailed(step=r.step, generation=r.generation, reason=str(e)))
             return
-        clip = self.cfg.optimizer.clip_grad_norm
-        if clip > 0 and grad_norm > clip and grad_norm == grad_norm:
-            self.buffer[:self.layout.grad_numel].mul_(clip / (grad_norm + 1e-6))
+        coefficient = clip_coefficient(grad_norm, self.cfg.optimizer.clip_grad_norm)
+        if coefficient < 1.0:  # NaN compares False: a diverged step is reported, never scaled
+            self.buffer[:self.layout.grad_numel].mul_(coefficient)
         t2 = time.perf_counter()
         finite_loss = P.sanitize_float(loss)
         nan_inf = (n_tokens > 0 and finite_loss is None) or not (grad_norm == grad_norm and grad_norm != float("inf"))

@@ -15,7 +15,7 @@ from hetero_testnet.config import load_run_config
 from hetero_testnet.data import open_split
 from hetero_testnet.matformer import build_neuron_set, is_ffn_param, neuron_mask
 from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW, lr_at
+from hetero_testnet.optim import MaskedAdamW, clip_coefficient, lr_at
 from hetero_testnet.training import forward_backward
 
 from testnet_helpers import TINY, checksums_by_step, events, run_start, summary
@@ -118,9 +118,9 @@ def _reference_training(tiers: list[int], steps: int, seed: int) -> dict[str, to
         update_masks = apply_average(total, layout)
         parts = [sum_of_squares(total, *shard_bounds(layout.grad_numel, rank, len(ids))) for rank in range(len(ids))]
         norm = sum(parts) ** 0.5
-        clip = cfg.optimizer.clip_grad_norm
-        if norm > clip:
-            total[:layout.grad_numel].mul_(clip / (norm + 1e-6))
+        coefficient = clip_coefficient(norm, cfg.optimizer.clip_grad_norm)
+        if coefficient < 1.0:
+            total[:layout.grad_numel].mul_(coefficient)
         views = grad_views(total, layout)
         for name, p in model.named_parameters():
             p.grad = views[name]
