@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from testnet_helpers import (ROOT, TINY, assert_no_orphans, client_pid, run_start, spawn_start, summary,
+from testnet_helpers import (ROOT, TINY, assert_no_orphans, client_pid, spawn_start, summary,
                              cli_cmd, wait_for_event)
 
 pytestmark = pytest.mark.slow
