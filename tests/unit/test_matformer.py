@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetero_testnet.config import ModelConfig
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.matformer import (NeuronSet, build_neuron_set, build_update_masks, expand_neuron_vector,
                                       ffn_layer, ffn_neuron_axis, ffn_width, is_ffn_param, neuron_mask,
