@@ -342,7 +342,7 @@ class Client:
         world = self.exchange.world_size if (self.sync == "allreduce" and self.exchange.active) else 1
         rank = self.exchange.rank if world > 1 else 0
         start, end = shard_bounds(self.layout.grad_numel, rank, world)
-        partial = torch.zeros(world, dtype=torch.float64)
+        partial = torch.zeros(world, dtype=torch.float64, device=self.buffer.device)  # NCCL needs device tensors
         partial[rank] = sum_of_squares(self.buffer, start, end)
         if world > 1:
             self.exchange.all_reduce_sum(partial)
