@@ -102,8 +102,8 @@ model = build_model(m, cfg.seed)
 
 
 class MeanLoss(torch.nn.Module):
-    """DDP syncs gradients of its wrapped module's forward: make that forward the same chunked
-    loss the other two systems use, so the comparison is of the exchange, not of the loss code."""
+    # DDP syncs the gradients of its module's forward: make that forward the same chunked loss
+    # the other two systems use, so the comparison is of the exchange, not of the loss code.
 
     def __init__(self, model):
         super().__init__()
