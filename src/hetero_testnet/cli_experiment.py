@@ -105,7 +105,8 @@ def run(
     run starts afresh. A failed run is recorded in runs.jsonl and the matrix goes on; the command
     exits 1 if any run did not finish (rerun it to retry those).
     """
-    from hetero_testnet.experiments import ExperimentRunner, load_experiment
+    from hetero_testnet.experiment_spec import load_experiment
+    from hetero_testnet.experiments import ExperimentRunner
 
     console = Console(highlight=False)
     spec = load_experiment(file)

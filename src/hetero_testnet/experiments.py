@@ -36,8 +36,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
-import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -50,11 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hetero_testnet.config import RunConfig, dump_yaml, load_run_config
+from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import EVENTS_FILE, EventTail
+from hetero_testnet.experiment_spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
+                                            config_fingerprint, expand, run_identity)
 
 MANIFEST_FILE = "experiment.json"
 RUNS_LOG_FILE = "runs.jsonl"
@@ -64,237 +62,13 @@ RUNNER_OUTPUT_FILE = "runner.out"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".runner.lock"
 
-SYNC_MODES = ("allreduce", "none")
-DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "round_witness_time",
-                   "waiting_for_members_timeout")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _FAILED_DIR = re.compile(r"^(?P<run>.+)\.failed-(?P<n>\d+)$")
-
 GRACE_AFTER_TIMEOUT_S = 120.0
 SIGINT_WAIT_S = 60.0
 SIGTERM_WAIT_S = 30.0
 
 
 # --------------------------------------------------------------------------- specification
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReportSettings:
-    """How `testnet experiment report` summarises the runs (overridable on its command line)."""
-
-    last_k: int = 8
-    """Final train loss = mean of each client's losses over the run's last K committed steps."""
-    grad_norm_threshold: float = 10.0
-    """A step whose aggregated gradient norm (before clipping) exceeds this is an explosion."""
-    baseline: str | None = None
-    """Label differences are taken against; default: the first configuration."""
-
-    def __post_init__(self) -> None:
-        _require(self.last_k >= 1, "report.last_k must be >= 1")
-        _require(self.grad_norm_threshold > 0, "report.grad_norm_threshold must be > 0")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Configuration:
-    """One row of the results table: a tier mix, helper fractions and sync mode, over some seeds."""
-
-    label: str
-    tiers: tuple[int, ...]
-    """Tier of each client (client k gets tiers[k-1]); the number of clients is len(tiers)."""
-    helper_fractions: tuple[float, ...]
-    """One per client (a shorter list cycles, as `--helper-fractions` does)."""
-    sync: str = "allreduce"
-    seeds: tuple[int, ...]
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.tiers)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ExperimentSpec:
-    name: str
-    description: str
-    source: Path
-    base_config: Path
-    steps: int
-    """Committed steps per run (config.total_steps); the LR schedule stays the base config's."""
-    eval_every: int | None
-    """Validation every N steps (and always at the end); None keeps the base config's value."""
-    eval_tiers: tuple[int, ...]
-    """Tiers validated in every run even if no client trains them (so every mix has them all)."""
-    deadlines: dict[str, float]
-    """Overrides of the config's straggler deadlines (s); keys from DEADLINE_FIELDS."""
-    seeds: tuple[int, ...]
-    run_timeout_s: float
-    threads: int | None
-    """Torch threads per client; None lets `testnet start` pick (cores // clients)."""
-    report: ReportSettings
-    configurations: tuple[Configuration, ...]
-
-    def configuration(self, label: str) -> Configuration:
-        for c in self.configurations:
-            if c.label == label:
-                return c
-        raise ConfigError(f"no configuration labelled {label!r} in {self.source}",
-                          hint=f"labels: {', '.join(c.label for c in self.configurations)}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PlannedRun:
-    """One (configuration, seed) pair: a `testnet start` invocation and its log directory name."""
-
-    name: str
-    label: str
-    seed: int
-    tiers: tuple[int, ...]
-    helper_fractions: tuple[float, ...]
-    sync: str
-    steps: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "seed": self.seed, "tiers": list(self.tiers),
-                "helper_fractions": list(self.helper_fractions), "sync": self.sync, "steps": self.steps,
-                "num_clients": len(self.tiers)}
-
-
-def run_name(label: str, seed: int) -> str:
-    return f"{label}-seed{seed}"
-
-
-def load_experiment(path: str | Path) -> ExperimentSpec:
-    """Parse and validate an experiment YAML file (format: module docstring and configs/experiments/)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read experiment file {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"malformed experiment file {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment file {path} must be a mapping at the top level")
-    top = dict(raw)
-    where = str(path)
-
-    name = _take(top, "name", str, where)
-    _require(bool(_LABEL.match(name)), f"{where}: name {name!r} must be letters, digits, '.', '_', '+', '-'")
-    description = _take(top, "description", str, where, "")
-    base = Path(_take(top, "base_config", str, where)).expanduser()
-    base_config = base if base.is_absolute() else (path.parent / base).resolve()
-    steps = _take(top, "steps", int, where)
-    _require(steps >= 1, f"{where}: steps must be >= 1 (got {steps})")
-    eval_every = _take(top, "eval_every", int, where, None)
-    _require(eval_every is None or eval_every >= 0, f"{where}: eval_every must be >= 0")
-    eval_tiers = tuple(_take(top, "eval_tiers", list, where, []))
-    _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eval_tiers),
-             f"{where}: eval_tiers must be integers >= 0")
-    seeds = _seeds(_take(top, "seeds", list, where, [1]), f"{where}: seeds")
-    deadlines_raw = dict(_take(top, "deadlines", dict, where, {}) or {})
-    deadlines = {k: float(_take(deadlines_raw, k, (int, float), f"{where}: deadlines"))
-                 for k in DEADLINE_FIELDS if k in deadlines_raw}
-    _no_leftovers(deadlines_raw, f"{where}: deadlines (allowed: {', '.join(DEADLINE_FIELDS)})")
-    _require(all(v > 0 for v in deadlines.values()), f"{where}: deadlines must be > 0 seconds")
-    run_timeout_s = float(_take(top, "run_timeout_s", (int, float), where, 3600.0))
-    _require(run_timeout_s > 0, f"{where}: run_timeout_s must be > 0")
-    threads = _take(top, "threads", int, where, None)
-    _require(threads is None or threads >= 1, f"{where}: threads must be >= 1")
-
-    report_raw = dict(_take(top, "report", dict, where, {}) or {})
-    report = ReportSettings(
-        last_k=_take(report_raw, "last_k", int, f"{where}: report", 8),
-        grad_norm_threshold=float(_take(report_raw, "grad_norm_threshold", (int, float), f"{where}: report", 10.0)),
-        baseline=_take(report_raw, "baseline", str, f"{where}: report", None))
-    _no_leftovers(report_raw, f"{where}: report")
-
-    items = _take(top, "configurations", list, where)
-    _require(bool(items), f"{where}: configurations must list at least one configuration")
-    configurations = tuple(_configuration(item, i, seeds, f"{where}: configurations[{i}]")
-                           for i, item in enumerate(items))
-    _no_leftovers(top, where)
-    labels = [c.label for c in configurations]
-    dupes = sorted({label for label in labels if labels.count(label) > 1})
-    _require(not dupes, f"{where}: configuration labels must be unique (repeated: {', '.join(dupes)})")
-    if report.baseline is not None and report.baseline not in labels:
-        raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
-                          hint=f"labels: {', '.join(labels)}")
-    spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
-                          base_config=base_config, steps=steps, eval_every=eval_every, eval_tiers=eval_tiers,
-                          deadlines=deadlines,
-                          seeds=seeds,
-                          run_timeout_s=run_timeout_s, threads=threads, report=report,
-                          configurations=configurations)
-    cfg = load_run_config(base_config)  # fails early on a bad base config
-    for c in configurations:
-        for t in c.tiers:
-            if cfg.model.intermediate_size >> t < 1:
-                raise ConfigError(f"{where}: configuration {c.label!r} uses tier {t}, which leaves no FFN "
-                                  f"neurons at intermediate_size {cfg.model.intermediate_size}")
-    return spec
-
-
-def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where: str) -> Configuration:
-    if not isinstance(item, dict):
-        raise ConfigError(f"{where} must be a mapping with label, tiers, ...")
-    d = dict(item)
-    label = str(_take(d, "label", (str, int), where))
-    _require(bool(_LABEL.match(label)),
-             f"{where}: label {label!r} must be letters, digits, '.', '_', '+', '-' (it names directories)")
-    tiers = _take(d, "tiers", list, where)
-    _require(bool(tiers) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tiers),
-             f"{where}: tiers must be a non-empty list of integers >= 0 (got {tiers!r})")
-    fractions = _take(d, "helper_fractions", list, where, [0.0])
-    _require(bool(fractions) and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1
-                                     for f in fractions),
-             f"{where}: helper_fractions must be numbers in [0, 1] (got {fractions!r})")
-    _require(len(fractions) <= len(tiers),
-             f"{where}: helper_fractions has more entries ({len(fractions)}) than clients ({len(tiers)})")
-    per_client = tuple(float(fractions[i % len(fractions)]) for i in range(len(tiers)))
-    sync = _take(d, "sync", str, where, "allreduce")
-    _require(sync in SYNC_MODES, f"{where}: sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
-    seeds_raw = _take(d, "seeds", list, where, None)
-    seeds = _seeds(seeds_raw, f"{where}: seeds") if seeds_raw is not None else default_seeds
-    _no_leftovers(d, where)
-    return Configuration(label=label, tiers=tuple(tiers), helper_fractions=per_client, sync=sync, seeds=seeds)
-
-
-def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
-    """Every (configuration, seed) run in file order; `only` keeps runs whose name or label matches
-    one of the shell-style patterns (e.g. `0-1-1*`, `*-seed1`)."""
-    runs = [PlannedRun(name=run_name(c.label, s), label=c.label, seed=s, tiers=c.tiers,
-                       helper_fractions=c.helper_fractions, sync=c.sync, steps=spec.steps)
-            for c in spec.configurations for s in c.seeds]
-    if only:
-        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) or fnmatch.fnmatchcase(r.label, p)
-                                       for p in only)]
-        if not runs:
-            raise ConfigError(f"--only {' '.join(only)} matches no run of experiment {spec.name}",
-                              hint="run names are <label>-seed<seed>; see --dry-run without --only")
-    return runs
-
-
-def build_derived_config(spec: ExperimentSpec) -> RunConfig:
-    """The base config with `total_steps = steps`, eval_every and deadlines set; the LR schedule untouched."""
-    cfg = load_run_config(spec.base_config)
-    cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps, **spec.deadlines))
-    if spec.eval_every is not None:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=spec.eval_every))
-    if spec.eval_tiers:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_tiers=spec.eval_tiers))
-    return cfg
-
-
-def config_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything in the config that changes results (data paths excluded, so a moved
-    checkout still recognises its finished runs)."""
-    d = cfg.to_dict()
-    d["model"]["LLM"].pop("data_location", None)
-    d["validation"].pop("data_location", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_identity(run: PlannedRun, fingerprint: str) -> dict[str, Any]:
-    """What a finished run must match to be reused on resume."""
-    return {**run.to_dict(), "config_fingerprint": fingerprint}
-
 
 def start_command(run: PlannedRun, *, config_path: Path, experiment_dir: Path, run_timeout_s: float,
                   threads: int | None) -> list[str]:
@@ -656,38 +430,3 @@ def _last_line(path: Path) -> str | None:
     except OSError:
         return None
     return lines[-1].strip() if lines else None
-
-
-def _seeds(values: Any, where: str) -> tuple[int, ...]:
-    _require(isinstance(values, list) and bool(values)
-             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in values),
-             f"{where} must be a non-empty list of integers >= 0 (got {values!r})")
-    _require(len(set(values)) == len(values), f"{where} repeats a seed: {values!r}")
-    return tuple(values)
-
-
-_MISSING = object()
-
-
-def _take(d: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = _MISSING) -> Any:
-    if key not in d or d[key] is None:
-        d.pop(key, None)
-        if default is _MISSING:
-            raise ConfigError(f"{where}: field {key!r} is required")
-        return default
-    value = d.pop(key)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ConfigError(f"{where}: field {key!r} must be {names} (got {value!r})")
-    return value
-
-
-def _no_leftovers(d: dict, where: str) -> None:
-    if d:
-        raise ConfigError(f"{where}: unknown field {', '.join(map(repr, d))}")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)

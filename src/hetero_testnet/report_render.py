@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hetero_testnet.experiments import run_name
+from hetero_testnet.experiment_spec import run_name
 from hetero_testnet.report import DIFF_METRICS, ConfigResult, Report, significance_word
 from hetero_testnet.stats import ALPHA, Comparison, MeanCI, mean_ci
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hetero_testnet.experiments import build_derived_config, config_fingerprint, load_experiment, write_manifest
+from hetero_testnet.experiment_spec import build_derived_config, config_fingerprint, load_experiment
+from hetero_testnet.experiments import write_manifest
 from hetero_testnet.report import build_report, csv_columns, load_run, write_report
 from hetero_testnet.stats import welch
 
