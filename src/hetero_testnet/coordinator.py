@@ -466,7 +466,7 @@ class Coordinator:
         wanted = {t for t in self.cfg.data.eval_tiers if self.cfg.model.intermediate_size >> t >= 1}
         return sorted({0} | present | wanted)
 
-    def request_eval(self, final: bool) -> int:
+    def request_eval(self) -> int:
         """Spread validation over the members (replicas are identical, so any can do any tier)."""
         members = [self.members[c] for c in self.generation_members if self.members[c].alive]
         if not members:
@@ -492,12 +492,8 @@ class Coordinator:
     async def drain_until(self, predicate, deadline: float) -> None:
         """Process background messages (evals, saves, checksums) until predicate() or the deadline."""
         while not predicate():
-            item = await self.next_message(deadline)
-            if item is None:
+            if await self.next_message(deadline) is None:
                 return
-            member, message = item
-            if isinstance(message, P.RoundFailed):
-                continue
 
     async def cooldown(self) -> None:
         self.set_state("Cooldown")
@@ -505,7 +501,7 @@ class Coordinator:
         deadline = time.monotonic() + max(self.t.cooldown_time, 10.0) + self.t.max_round_train_time
         expected_sums = len([c for c in self.generation_members if self.members[c].alive])
         await self.drain_until(lambda: len(self.applied[final_step - 1]) >= expected_sums, deadline)
-        n = self.request_eval(final=True)
+        n = self.request_eval()
         self.request_checkpoint(self.opts.run_dir / "checkpoint")
         await self.drain_until(lambda: len(self.eval_results[final_step]) >= n and final_step in self.saved,
                                deadline)
@@ -550,7 +546,7 @@ class Coordinator:
     def _after_commit(self) -> None:
         every = self.cfg.data.eval_every
         if every and self.step % every == 0 and self.step < self.t.total_steps:
-            self.request_eval(final=False)
+            self.request_eval()
         if self.opts.checkpoint_every and self.step % self.opts.checkpoint_every == 0 \
                 and self.step < self.t.total_steps:
             self.request_checkpoint(self.opts.run_dir / "checkpoints" / f"step-{self.step:06d}")

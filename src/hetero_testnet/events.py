@@ -16,19 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
 EVENTS_FILE = "events.jsonl"
 LOGGER_NAME = "hetero_testnet"
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def format_kv(event: str, fields: dict[str, Any]) -> str:
@@ -149,7 +143,3 @@ class EventTail:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -36,10 +36,6 @@ def _short(e: BaseException) -> str:
     return line[:200]
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
 class GradientExchange:
     """One client's membership in the current generation's process group."""
 
