@@ -40,6 +40,7 @@ from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError
 from hetero_testnet.events import EventWriter
 from hetero_testnet.membership import Member, Membership
 from hetero_testnet.optim import lr_at
+from hetero_testnet.run_schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
 from hetero_testnet.run_summary import build_summary, write_json_atomic
 
 log = logging.getLogger("hetero_testnet")
@@ -461,27 +462,15 @@ class Coordinator:
         self.step += 1
         self.data_index += batch
 
-    def eval_tiers(self) -> list[int]:
-        present = {m.tier for m in self.members.values()}
-        wanted = {t for t in self.cfg.data.eval_tiers if self.cfg.model.intermediate_size >> t >= 1}
-        return sorted({0} | present | wanted)
-
     def request_eval(self) -> int:
-        """Spread validation over the members (replicas are identical, so any can do any tier)."""
+        """Ask the current generation to validate; returns how many results to expect."""
         members = [self.members[c] for c in self.generation_members if self.members[c].alive]
-        if not members:
-            return 0
-        if self.opts.sync != "allreduce":
-            # Independent replicas: each client validates its own model at its tier and the full width.
-            for m in members:
-                m.send(P.Evaluate(step=self.step, tiers=sorted({0, m.tier})))
-            return sum(len({0, m.tier}) for m in members)
-        tiers = self.eval_tiers()
-        for i, m in enumerate(members):
-            mine = tiers[i::len(members)]
-            if mine:
-                m.send(P.Evaluate(step=self.step, tiers=mine))
-        return len(tiers)
+        tiers = validation_tiers(self.cfg.model.intermediate_size, self.cfg.data.eval_tiers,
+                                 (m.tier for m in self.members.values()))
+        plan = plan_validation(members, self.opts.sync, tiers)
+        for m, mine in plan:
+            m.send(P.Evaluate(step=self.step, tiers=mine))
+        return sum(len(mine) for _, mine in plan)
 
     def request_checkpoint(self, path: Path) -> None:
         source = self.members[self.generation_members[0]]
@@ -506,8 +495,7 @@ class Coordinator:
         await self.drain_until(lambda: len(self.eval_results[final_step]) >= n and final_step in self.saved,
                                deadline)
         for r in self.eval_results[final_step]:
-            key = f"tier{r['tier']}" if self.opts.sync == "allreduce" else f"client{r.get('client_id')}_tier{r['tier']}"
-            self.val_losses[key] = r["val_loss"]
+            self.val_losses[val_loss_key(r, self.opts.sync)] = r["val_loss"]
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> tuple[str, str]:
@@ -544,11 +532,10 @@ class Coordinator:
         return alive != sorted(self.generation_members)
 
     def _after_commit(self) -> None:
-        every = self.cfg.data.eval_every
-        if every and self.step % every == 0 and self.step < self.t.total_steps:
+        due = due_after_commit(self.step, self.t.total_steps, self.cfg.data.eval_every, self.opts.checkpoint_every)
+        if due.validate:
             self.request_eval()
-        if self.opts.checkpoint_every and self.step % self.opts.checkpoint_every == 0 \
-                and self.step < self.t.total_steps:
+        if due.checkpoint:
             self.request_checkpoint(self.opts.run_dir / "checkpoints" / f"step-{self.step:06d}")
         if time.time() - self.epoch_started >= self.t.epoch_time:
             self.epoch += 1

@@ -1,0 +1,58 @@
+"""What the coordinator asks of its members between steps: validation and checkpoints.
+
+These are pure decisions (which steps are due, which member validates which tiers, under which
+name a result is reported), kept apart from the coordinator's message loop so that they can be
+tested without a run and read in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class _HasTier(Protocol):
+    tier: int
+
+
+@dataclass(frozen=True)
+class Due:
+    """Work scheduled after a committed step."""
+
+    validate: bool
+    checkpoint: bool
+
+
+def due_after_commit(step: int, total_steps: int, eval_every: int, checkpoint_every: int) -> Due:
+    """Periodic validation and checkpoints; the final step is left to the cooldown, which does both."""
+    if step >= total_steps:
+        return Due(validate=False, checkpoint=False)
+    return Due(validate=bool(eval_every) and step % eval_every == 0,
+               checkpoint=bool(checkpoint_every) and step % checkpoint_every == 0)
+
+
+def validation_tiers(intermediate_size: int, requested: Iterable[int], present: Iterable[int]) -> list[int]:
+    """The full model, every tier a client trains, and the requested tiers that exist at this width."""
+    wanted = {t for t in requested if intermediate_size >> t >= 1}
+    return sorted({0} | set(present) | wanted)
+
+
+def plan_validation(members: Sequence[_HasTier], sync: str, tiers: Sequence[int]) -> list[tuple[Any, list[int]]]:
+    """Which member validates which tiers.
+
+    With a shared model the replicas are identical, so the tiers are dealt round-robin and each is
+    validated once. Independent replicas (`sync: none`) each validate their own model, at the full
+    width and at their own tier.
+    """
+    if sync != "allreduce":
+        return [(m, sorted({0, m.tier})) for m in members]
+    plan = [(m, list(tiers[i::len(members)])) for i, m in enumerate(members)] if members else []
+    return [(m, mine) for m, mine in plan if mine]
+
+
+def val_loss_key(result: dict[str, Any], sync: str) -> str:
+    """The summary's name for a final validation loss: per tier, or per client and tier for replicas."""
+    if sync == "allreduce":
+        return f"tier{result['tier']}"
+    return f"client{result.get('client_id')}_tier{result['tier']}"
