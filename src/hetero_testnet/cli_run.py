@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from hetero_testnet.config import RunConfig, load_run_config
+from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 
 DEFAULT_CONFIG = Path("configs/nanogpt-20m-run")
@@ -293,6 +293,9 @@ def start(
         raise ConfigError(f"--num-clients {num_clients} is below the config's init_min_clients {need}",
                           hint="add clients, or pass --min-clients to override")
     if resume is None:
+        if name is not None and not DIRECTORY_NAME.match(name):
+            raise ConfigError(f"--name {name!r} must be one directory name: letters, digits, '.', '_', '+', '-'",
+                              hint="logs go to <logs-dir>/<name>/; use --logs-dir to write elsewhere")
         run_dir = logs_dir / (name or default_run_name([s.tier for s in specs]))
         if (run_dir / "summary.json").exists():
             raise ConfigError(f"run directory {run_dir} already holds a finished run",

@@ -12,6 +12,7 @@ directory can be moved together with its data.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ import yaml
 from hetero_testnet.errors import ConfigError
 
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "state.toml")
+DIRECTORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+"""Names that become one directory under logs/ (runs, experiments, labels): no separators, no `..`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

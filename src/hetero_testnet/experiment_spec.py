@@ -12,7 +12,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import Any
 
 import yaml
 
-from hetero_testnet.config import RunConfig, load_run_config
+from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 
 SYNC_MODES = ("allreduce", "none")
 DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "round_witness_time",
                    "waiting_for_members_timeout")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,7 +126,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     where = str(path)
 
     name = _take(top, "name", str, where)
-    _require(bool(_LABEL.match(name)), f"{where}: name {name!r} must be letters, digits, '.', '_', '+', '-'")
+    _require(bool(DIRECTORY_NAME.match(name)), f"{where}: name {name!r} must be letters, digits, '.', '_', '+', '-'")
     description = _take(top, "description", str, where, "")
     base = Path(_take(top, "base_config", str, where)).expanduser()
     base_config = base if base.is_absolute() else (path.parent / base).resolve()
@@ -188,7 +186,7 @@ def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where:
         raise ConfigError(f"{where} must be a mapping with label, tiers, ...")
     d = dict(item)
     label = str(_take(d, "label", (str, int), where))
-    _require(bool(_LABEL.match(label)),
+    _require(bool(DIRECTORY_NAME.match(label)),
              f"{where}: label {label!r} must be letters, digits, '.', '_', '+', '-' (it names directories)")
     tiers = _take(d, "tiers", list, where)
     _require(bool(tiers) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tiers),

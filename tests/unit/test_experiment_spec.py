@@ -1,0 +1,86 @@
+"""The experiment file: what it expands to, and the one-line errors for every kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from hetero_testnet.errors import ConfigError
+from hetero_testnet.experiment_spec import build_derived_config, expand, load_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny"
+
+GOOD = f"""
+name: demo
+base_config: {TINY}
+steps: 6
+eval_every: 3
+eval_tiers: [1]
+seeds: [1, 2]
+deadlines: {{max_round_train_time: 30}}
+report: {{last_k: 2, baseline: a}}
+configurations:
+  - {{label: a, tiers: [0, 0]}}
+  - {{label: b, tiers: [0, 1, 1], helper_fractions: [0.5], sync: none, seeds: [7]}}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_expands_to_every_configuration_and_seed(tmp_path):
+    spec = load_experiment(_write(tmp_path, GOOD))
+    runs = expand(spec)
+    assert [r.name for r in runs] == ["a-seed1", "a-seed2", "b-seed7"]
+    b = spec.configuration("b")
+    assert b.helper_fractions == (0.5, 0.5, 0.5) and b.sync == "none" and b.num_clients == 3
+    assert [r.name for r in expand(spec, only=["*-seed2", "b"])] == ["a-seed2", "b-seed7"]
+    assert spec.base_config == TINY
+    cfg = build_derived_config(spec)
+    assert cfg.timing.total_steps == 6 and cfg.timing.max_round_train_time == 30
+    assert cfg.data.eval_every == 3 and 1 in cfg.data.eval_tiers
+
+
+@pytest.mark.parametrize("change, needle", [
+    (("label: a,", "label: ../a,"), "must be letters, digits"),
+    (("label: b,", "label: a,"), "labels must be unique (repeated: a)"),
+    (("baseline: a", "baseline: zzz"), "report.baseline 'zzz' is not a configuration label"),
+    (("tiers: [0, 0]", "tiers: [0, 12]"), "uses tier 12, which leaves no FFN neurons"),
+    (("tiers: [0, 0]", "tiers: []"), "tiers must be a non-empty list"),
+    (("helper_fractions: [0.5]", "helper_fractions: [1.5]"), "helper_fractions must be numbers in [0, 1]"),
+    (("sync: none", "sync: sometimes"), "sync must be one of allreduce, none"),
+    (("steps: 6", "steps: 0"), "steps must be >= 1"),
+    (("max_round_train_time: 30", "round_timeout: 30"), "deadlines"),
+    (("name: demo", "name: a/b"), "name 'a/b' must be letters"),
+    (("report: {last_k: 2", "report: {last_k: 0"), "report.last_k must be >= 1"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, change, needle):
+    old, new = change
+    assert old in GOOD
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_write(tmp_path, GOOD.replace(old, new)))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read experiment file"):
+        load_experiment(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="malformed experiment file"):
+        load_experiment(_write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_experiment(_write(tmp_path, "- just\n- a list\n"))
+
+
+def test_only_that_matches_nothing_is_an_error(tmp_path):
+    spec = load_experiment(_write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match="matches no run"):
+        expand(spec, only=["nope-*"])
+
+
+def test_the_committed_experiment_files_load():
+    for path in sorted((ROOT / "configs" / "experiments").glob("*.yaml")):
+        assert expand(load_experiment(path)), path
