@@ -143,7 +143,7 @@ def report_cmd(
                                                     "taken against (default: the experiment's, else the "
                                                     "first).")] = None,
 ) -> None:
-    """Write results.md, results.csv, results.json, val_loss.png and train_loss.png for an experiment."""
+    """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff)."""
     from hetero_testnet.report import build_report, write_report
 
     if last_k is not None and last_k < 1:
@@ -184,13 +184,14 @@ def _render_headline(console: Console, rep) -> None:
 
     table = Table(title=f"{rep.experiment.get('name', '')}: final validation loss, full model "
                         f"(mean ± 95% CI over seeds)")
-    for col in ("configuration", "sync", "n", "val loss tier 0", f"Δ vs {rep.baseline}", "p (Welch)"):
+    for col in ("configuration", "sync", "n", "val loss tier 0", f"Δ vs {rep.baseline}", "p (Welch)", "p (Holm)"):
         table.add_column(col)
     comps = rep.comparisons.get("val_loss_tier0", {})
     for c in rep.configs:
         cp = comps.get(c.label)
         table.add_row(c.label, c.sync, str(len(c.finished)), fmt_ci(c.stat("val_loss_tier0")),
-                      fmt(cp.diff, signed=True) if cp else "—", fmt_p(cp.p) if cp else "—")
+                      fmt(cp.diff, signed=True) if cp else "—", fmt_p(cp.p) if cp else "—",
+                      fmt_p(rep.holm("val_loss_tier0", c.label)) if cp else "—")
     console.print(table)
 
 

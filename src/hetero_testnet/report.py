@@ -3,7 +3,8 @@
 Inputs are only the machine-readable files of each run (docs/events.md) and the experiment's
 `experiment.json`/`runs.jsonl` written by `experiments.py`; no log text is parsed. Outputs, in one
 directory: `results.md` (tables and what they can and cannot tell), `results.csv` (one row per
-configuration), `results.json` (everything, per run too), `val_loss.png`, `train_loss.png`.
+configuration), `results.json` (everything, per run too), `val_loss.png`, `train_loss.png`,
+`val_loss_diff.png` (same-seed differences against the baseline).
 
 Definitions (the report repeats them, so a reader need not open this file):
 - *run*: one (configuration, seed); *configuration*: a tier mix with its helper fractions and sync.
@@ -51,7 +52,7 @@ import yaml
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import EVENTS_FILE, read_events
 from hetero_testnet.experiments import MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE, SUMMARY_FILE
-from hetero_testnet.stats import ALPHA, Comparison, MeanCI, holm, mean_ci, welch
+from hetero_testnet.stats import ALPHA, Comparison, MeanCI, holm, mean_ci, paired, welch
 
 DEFAULT_LAST_K = 8
 DEFAULT_GRAD_NORM_THRESHOLD = 10.0
@@ -301,6 +302,9 @@ class ConfigResult:
     def values(self, key: str) -> list[float | None]:
         return [r.metric(key) for r in self.finished]
 
+    def by_seed(self, key: str) -> dict[int, float | None]:
+        return {r.seed: r.metric(key) for r in self.finished if r.seed is not None}
+
     def health(self) -> dict[str, Any]:
         gmax = [r.grad_norm_max for r in self.runs if r.grad_norm_max is not None]
         return {"nan_inf_count": sum(r.nan_inf_count for r in self.runs),
@@ -323,6 +327,12 @@ class Report:
     comparisons: dict[str, dict[str, Comparison]]
     """metric -> label -> comparison against the baseline."""
     holm_p: dict[str, dict[str, float | None]]
+    paired: dict[str, dict[str, Comparison]] = field(default_factory=dict)
+    """metric -> label -> paired-by-seed comparison against the baseline (a secondary analysis)."""
+    paired_holm_p: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    def holm(self, metric: str, label: str) -> float | None:
+        return self.holm_p.get(metric, {}).get(label)
 
     @property
     def tiers(self) -> list[int]:
@@ -378,17 +388,23 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
                           hint=f"configurations: {', '.join(configs)}")
     comparisons: dict[str, dict[str, Comparison]] = {}
     holm_p: dict[str, dict[str, float | None]] = {}
+    paired_comps: dict[str, dict[str, Comparison]] = {}
+    paired_holm: dict[str, dict[str, float | None]] = {}
     base = configs[baseline]
     for metric in _diff_metrics(configs.values()):
         if base.stat(metric).n == 0:
             continue
-        comps = {c.label: welch(c.values(metric), base.values(metric))
-                 for c in configs.values() if c.label != baseline and c.stat(metric).n > 0}
+        others = [c for c in configs.values() if c.label != baseline and c.stat(metric).n > 0]
+        comps = {c.label: welch(c.values(metric), base.values(metric)) for c in others}
         comparisons[metric] = comps
         holm_p[metric] = dict(zip(comps, holm([c.p for c in comps.values()])))
+        pairs = {c.label: paired(c.by_seed(metric), base.by_seed(metric)) for c in others}
+        paired_comps[metric] = pairs
+        paired_holm[metric] = dict(zip(pairs, holm([c.p for c in pairs.values()])))
     experiment = {k: v for k, v in manifest.items() if k not in ("runs", "configurations")}
     experiment.setdefault("name", experiment_dir.name)
-    return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p)
+    return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p,
+                  paired_comps, paired_holm)
 
 
 def _diff_metrics(configs) -> list[str]:
@@ -400,7 +416,7 @@ def _diff_metrics(configs) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """results.md, results.csv, results.json, val_loss.png, train_loss.png into out_dir."""
+    """results.md, results.csv, results.json, val_loss.png, train_loss.png, val_loss_diff.png into out_dir."""
     from hetero_testnet.report_render import render_markdown, write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +443,8 @@ def csv_columns(tiers: Sequence[int]) -> list[str]:
     cols += ["val_num_samples", "val_step"]
     for m in DIFF_METRICS:
         cols += [f"{m}_diff_vs_baseline", f"{m}_diff_ci95_low", f"{m}_diff_ci95_high", f"{m}_diff_p_welch",
-                 f"{m}_diff_p_holm", f"{m}_diff_significant"]
+                 f"{m}_diff_p_holm", f"{m}_diff_significant", f"{m}_paired_n", f"{m}_paired_diff",
+                 f"{m}_paired_p", f"{m}_paired_p_holm"]
     cols += ["nan_inf_count", "grad_norm_threshold", "grad_norm_explosions", "grad_norm_max",
              "clients_completed", "clients_crashed", "client_drops", "steps_discarded", "client_nonzero_exits",
              "baseline"]
@@ -465,17 +482,26 @@ def csv_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
             row[f"{m}_diff_vs_baseline"] = _cell(comp.diff)
             row[f"{m}_diff_ci95_low"], row[f"{m}_diff_ci95_high"] = _cell(comp.ci_low), _cell(comp.ci_high)
             row[f"{m}_diff_p_welch"] = _cell(comp.p)
-            row[f"{m}_diff_p_holm"] = _cell(report.holm_p[m].get(c.label))
-            row[f"{m}_diff_significant"] = significance_word(comp)
+            row[f"{m}_diff_p_holm"] = _cell(report.holm(m, c.label))
+            row[f"{m}_diff_significant"] = significance_word(comp, report.holm(m, c.label))
+            pair = report.paired[m][c.label]
+            row[f"{m}_paired_n"], row[f"{m}_paired_diff"] = pair.n_x, _cell(pair.diff)
+            row[f"{m}_paired_p"] = _cell(pair.p)
+            row[f"{m}_paired_p_holm"] = _cell(report.paired_holm_p[m].get(c.label))
         h = c.health()
         row.update({k: _cell(v) for k, v in h.items()})
         rows.append([row.get(col, "") for col in header])
     return header, rows
 
 
-def significance_word(comp: Comparison) -> str:
-    sig = comp.significant(ALPHA)
-    return "n/a" if sig is None else ("yes" if sig else "no")
+def significance_word(comp: Comparison, holm_p: float | None) -> str:
+    """`yes` only when the Holm-adjusted p is below alpha: a report compares several configurations
+    against one baseline, so an unadjusted p < alpha alone is `unadjusted only`, not a finding."""
+    if comp.p is None:
+        return "n/a"
+    if holm_p is not None and holm_p < ALPHA:
+        return "yes"
+    return "unadjusted only" if comp.p < ALPHA else "no"
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -490,13 +516,18 @@ def to_json(report: Report) -> dict[str, Any]:
                         "metrics": metrics, "health": {k: _num(v) if isinstance(v, float) else v
                                                        for k, v in c.health().items()}})
     comps = [{"metric": m, "config": label, "baseline": report.baseline, **comp.to_dict(),
-              "p_holm": _num(report.holm_p[m].get(label))}
+              "p_holm": _num(report.holm(m, label)), "significance": significance_word(comp, report.holm(m, label))}
              for m, by_label in report.comparisons.items() for label, comp in by_label.items()]
+    pairs = [{"metric": m, "config": label, "baseline": report.baseline, "test": "paired t-test over common seeds",
+              **{k: v for k, v in comp.to_dict().items() if k != "p_welch"}, "p": _num(comp.p),
+              "p_holm": _num(report.paired_holm_p[m].get(label))}
+             for m, by_label in report.paired.items() for label, comp in by_label.items()]
     return {"experiment": report.experiment,
             "settings": {"last_k": report.last_k, "grad_norm_threshold": report.grad_norm_threshold,
                          "baseline": report.baseline, "alpha": ALPHA, "confidence": 0.95,
-                         "ci": "Student t over seeds (n-1 df)", "test": "Welch's t-test, Holm-adjusted per metric"},
-            "configurations": configs, "comparisons": comps, "runs": [r.to_dict() for r in report.runs]}
+                         "ci": "Student t over seeds (n-1 df)", "test": "Welch's t-test, Holm-adjusted per metric",
+                         "significant": "Holm-adjusted p < alpha"},
+            "configurations": configs, "comparisons": comps, "paired_comparisons": pairs, "runs": [r.to_dict() for r in report.runs]}
 
 
 # --------------------------------------------------------------------------- helpers

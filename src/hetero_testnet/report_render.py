@@ -130,16 +130,18 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
         k = sum(1 for cp in comps.values() if cp.applicable)
         lines += [f"## Difference vs baseline `{report.baseline}`: {what}", ""]
         header = ["configuration", "n (config vs baseline)", "Δ = config − baseline", "95% CI of Δ",
-                  "p (Welch)", f"p (Holm, k={k})", f"p < {ALPHA}", "size of Δ vs seed spread (larger std)"]
+                  "p (Welch)", f"p (Holm, k={k})", f"significant (Holm p < {ALPHA})",
+                  "size of Δ vs seed spread (larger std)"]
         rows = []
         for label, cp in comps.items():
-            ci = NA if cp.ci_low is None else f"[{fmt(cp.ci_low, signed=True)}, {fmt(cp.ci_high, signed=True)}]"
-            sig = significance_word(cp)
-            rows.append([f"`{label}`", f"{cp.n_x} vs {cp.n_baseline}", fmt(cp.diff, signed=True), ci,
-                         fmt_p(cp.p), fmt_p(report.holm_p[metric].get(label)),
-                         {"yes": "**yes** *", "no": "no", "n/a": f"n/a: {cp.reason}"}[sig],
+            sig = significance_word(cp, report.holm(metric, label))
+            rows.append([f"`{label}`", f"{cp.n_x} vs {cp.n_baseline}", fmt(cp.diff, signed=True), _ci(cp),
+                         fmt_p(cp.p), fmt_p(report.holm(metric, label)),
+                         {"yes": "**yes** *", "no": "no", "unadjusted only": f"no (p < {ALPHA} before correction)",
+                          "n/a": f"n/a: {cp.reason}"}[sig],
                          _spread_word(report, label, metric, cp)])
         lines += _table(header, rows) + [""]
+    lines += _paired_section(report)
 
     # --- health
     lines += ["## Throughput and health", ""]
@@ -206,12 +208,52 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
               "`train_loss_tier<t>`: final train loss of tier-t clients over the last `last_k` steps; "
               "`val_loss_tier<t>`: final validation loss of the tier-t (sub)model, tier 0 = full model; "
               "`*_diff_vs_baseline` = config − baseline with its Welch CI, p and Holm p, `*_diff_significant` "
-              "yes/no/n/a; `nan_inf_count`, `grad_norm_explosions` (steps with pre-clip grad norm > "
+              "yes (Holm p < 0.05) / unadjusted only (p < 0.05 before correction) / no / n/a; `*_paired_n`, "
+              "`*_paired_diff`, `*_paired_p`, `*_paired_p_holm`: the paired-by-seed test (seeds both sides ran); `nan_inf_count`, `grad_norm_explosions` (steps with pre-clip grad norm > "
               "`grad_norm_threshold`), `clients_completed`/`clients_crashed` (in a finished run, connected at the "
               "end and never killed / the rest), `client_drops` (`client_lost` events; a dropped client may "
               "rejoin), `steps_discarded`, `client_nonzero_exits` (client processes exiting non-zero, during or "
               "after training), all summed over the runs present.", ""]
     return "\n".join(lines)
+
+
+def _ci(cp: Comparison) -> str:
+    return NA if cp.ci_low is None else f"[{fmt(cp.ci_low, signed=True)}, {fmt(cp.ci_high, signed=True)}]"
+
+
+PAIRED_METRIC = "val_loss_tier0"
+
+
+def _paired_section(report: Report) -> list[str]:
+    """Per-seed differences of full-model validation loss, and the paired t-test over them."""
+    pairs = report.paired.get(PAIRED_METRIC, {})
+    if not any(cp.n_x for cp in pairs.values()):
+        return []
+    base = next(c for c in report.configs if c.label == report.baseline)
+    base_by_seed = base.by_seed(PAIRED_METRIC)
+    seeds = sorted(base_by_seed)
+    k = sum(1 for cp in pairs.values() if cp.applicable)
+    lines = [f"## Paired by seed: validation loss, tier 0 (full model), vs `{report.baseline}`", "",
+             "Runs with the same seed start from the same initial weights and train on the same global batches in "
+             "the same order; only the configuration differs. The seed therefore pairs them, and a paired t-test on "
+             "the per-seed differences removes the variation both runs share. Welch's test above ignores the "
+             "pairing and stays the primary test; this one is secondary: more powerful when seeds share variation, "
+             "but with n − 1 degrees of freedom it rests on very few pairs.",
+             ""]
+    header = ["configuration", *(f"Δ seed {s}" for s in seeds), "pairs", "mean Δ", "95% CI of mean Δ",
+              "p (paired t)", f"p (Holm, k={k})", f"significant (Holm p < {ALPHA})"]
+    rows = []
+    for label, cp in pairs.items():
+        cfg = next(c for c in report.configs if c.label == label).by_seed(PAIRED_METRIC)
+        deltas = [fmt(cfg[s] - base_by_seed[s], signed=True)
+                  if cfg.get(s) is not None and base_by_seed[s] is not None else NA for s in seeds]
+        holm_p = report.paired_holm_p[PAIRED_METRIC].get(label)
+        sig = significance_word(cp, holm_p)
+        rows.append([f"`{label}`", *deltas, str(cp.n_x), fmt(cp.diff, signed=True), _ci(cp), fmt_p(cp.p),
+                     fmt_p(holm_p), {"yes": "**yes** *", "no": "no",
+                                     "unadjusted only": f"no (p < {ALPHA} before correction)",
+                                     "n/a": f"n/a: {cp.reason}"}[sig]])
+    return lines + _table(header, rows) + [""]
 
 
 def _spread_word(report: Report, label: str, metric: str, cp: Comparison) -> str:
@@ -235,7 +277,7 @@ def conclusions(report: Report) -> list[str]:
         if cp.diff is None:
             continue
         direction = "lower (better)" if cp.diff < 0 else "higher (worse)"
-        holm_p = report.holm_p["val_loss_tier0"].get(label)
+        holm_p = report.holm("val_loss_tier0", label)
         if not cp.applicable:
             out.append(f"`{label}` vs `{report.baseline}`: full-model validation loss differs by "
                        f"{fmt(cp.diff, signed=True)}, but no test is possible ({cp.reason}): a single run per side "
@@ -252,6 +294,24 @@ def conclusions(report: Report) -> list[str]:
                        f"({fmt(cp.diff, signed=True)}, 95% CI [{fmt(cp.ci_low, signed=True)}, "
                        f"{fmt(cp.ci_high, signed=True)}], p = {fmt_p(cp.p)}) is not distinguishable from seed "
                        "noise; this does not show the two are equal, only that these seeds cannot tell them apart.")
+    pairs = report.paired.get(PAIRED_METRIC, {})
+    tested = {label: cp for label, cp in pairs.items() if cp.applicable}
+    if tested:
+        parts = []
+        for label, cp in tested.items():
+            cfg = next(c for c in report.configs if c.label == label).by_seed(PAIRED_METRIC)
+            base = next(c for c in report.configs if c.label == report.baseline).by_seed(PAIRED_METRIC)
+            worse = sum(1 for s in cfg.keys() & base.keys()
+                        if cfg[s] is not None and base[s] is not None and cfg[s] > base[s])
+            parts.append(f"`{label}` {fmt(cp.diff, signed=True)} (higher on {worse} of {cp.n_x} seeds, paired "
+                         f"p = {fmt_p(cp.p)}, Holm p = {fmt_p(report.paired_holm_p[PAIRED_METRIC].get(label))})")
+        survivors = [label for label in tested
+                     if (report.paired_holm_p[PAIRED_METRIC].get(label) or 1.0) < ALPHA]
+        verdict = ("; after Holm correction the paired test supports a difference for "
+                   + ", ".join(f"`{x}`" for x in survivors)) if survivors else \
+            "; none survives Holm correction, so the pairing does not turn these into findings either"
+        out.append(f"Paired by seed (same initial weights and batches), full-model validation loss against "
+                   f"`{report.baseline}`: " + "; ".join(parts) + verdict + ".")
     ns = sorted({len(c.finished) for c in report.configs if c.sync == "allreduce"})
     out.append(f"With n = {'/'.join(map(str, ns)) or '0'} seeds per configuration the tests have little power: "
                "only differences several times the seed-to-seed standard deviation can reach p < 0.05. A difference "
@@ -347,4 +407,53 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
         path = out_dir / fname
         fig.savefig(path, dpi=110)
         paths.append(path)
-    return paths
+    diff = _write_diff_plot(report, out_dir / "val_loss_diff.png")
+    return paths + ([diff] if diff else [])
+
+
+def _write_diff_plot(report: Report, path: Path) -> Path | None:
+    """Validation loss minus the baseline's on the same seed, at every evaluation step.
+
+    The absolute curves of similar configurations overlap (a 0.05 difference on a 10 -> 7 curve);
+    the same-seed difference is what the comparison is about, so it gets its own figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    base = next((c for c in report.configs if c.label == report.baseline), None)
+    if base is None:
+        return None
+    base_runs = {r.seed: r for r in base.finished if r.seed is not None}
+    tiers = sorted({t for r in base_runs.values() for t in r.val_curve})
+    others = [(i, c) for i, c in enumerate(report.configs) if c.label != report.baseline]
+    if not tiers or not others:
+        return None
+    fig = Figure(figsize=(6.0 * len(tiers), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tiers), squeeze=False)[0]
+    for ax, t in zip(axes, tiers):
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for i, c in others:
+            pairs = [(r.val_curve.get(t) or {}, base_runs[r.seed].val_curve.get(t) or {})
+                     for r in c.finished if r.seed in base_runs]
+            steps = sorted({s for mine, theirs in pairs for s in mine.keys() & theirs.keys()})
+            if not steps:
+                continue
+            stats = [mean_ci([mine[s] - theirs[s] for mine, theirs in pairs if s in mine and s in theirs])
+                     for s in steps]
+            color = f"C{i % 10}"
+            ax.plot(steps, [st.mean for st in stats], "--" if c.sync == "none" else "-", color=color, marker="o",
+                    markersize=3, label=f"{c.label} ({c.sync}, pairs={max(st.n for st in stats)})")
+            if any(st.half_width is not None for st in stats):
+                ax.fill_between(steps, [st.low if st.low is not None else math.nan for st in stats],
+                                [st.high if st.high is not None else math.nan for st in stats],
+                                color=color, alpha=0.15, linewidth=0)
+        ax.set_title(f"Validation loss − `{report.baseline}` (same seed), {tier_name(t, 'val')}", fontsize=10)
+        ax.set_xlabel("steps completed")
+        ax.set_ylabel("Δ val loss (> 0: worse than baseline)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report.experiment.get('name', '')}: mean of same-seed differences, band = 95% CI "
+                 "(pairs ≥ 2)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return path

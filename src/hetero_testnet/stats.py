@@ -12,6 +12,11 @@ otherwise the comparison is "n/a" with a reason. A bootstrap is deliberately not
 three seeds a resampling distribution has at most ten distinct means and its interval is not
 trustworthy.
 
+When runs with the same seed share everything but the configuration (in this tool: the same
+initial weights and the same global batches in the same order), `paired` compares them seed by
+seed: a one-sample t-test on the per-seed differences, which removes the seed-to-seed variation
+both runs share. It needs n >= 2 common seeds.
+
 `holm` adjusts a family of p-values for multiple comparisons (Holm 1979), so a report can say
 which differences survive having looked at several configurations at once.
 
@@ -22,7 +27,7 @@ diverged to NaN makes the mean NaN instead of silently disappearing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
@@ -151,6 +156,38 @@ def welch(x: Sequence[float | None], baseline: Sequence[float | None],
     p = float(2.0 * stats.t.sf(abs(t), df))
     half = t_quantile(0.5 + confidence / 2, df) * se
     return Comparison(na, nb, ma, mb, diff, t, df, p, diff - half, diff + half, None, confidence)
+
+
+def paired(x: Mapping[int, float | None], baseline: Mapping[int, float | None],
+           confidence: float = CONFIDENCE) -> Comparison:
+    """Paired t-test over the seeds both sides have: mean of `x[s] - baseline[s]`, its CI and p.
+
+    `n_x == n_baseline` is the number of pairs; n/a (p None, with `reason`) below 2 pairs, with a
+    non-finite value, or when every pair differs by exactly the same amount (no spread).
+    """
+    seeds = sorted(s for s in x.keys() & baseline.keys() if x[s] is not None and baseline[s] is not None)
+    diffs = [float(x[s]) - float(baseline[s]) for s in seeds]  # type: ignore[arg-type]
+    n = len(diffs)
+    ma = math.fsum(float(x[s]) for s in seeds) / n if n else None  # type: ignore[arg-type]
+    mb = math.fsum(float(baseline[s]) for s in seeds) / n if n else None  # type: ignore[arg-type]
+    diff = math.fsum(diffs) / n if n else None
+
+    def na_result(reason: str) -> Comparison:
+        return Comparison(n, n, ma, mb, diff, None, None, None, None, None, reason, confidence)
+
+    if n < 2:
+        return na_result(f"needs n >= 2 seeds run on both sides (have {n} in common)")
+    if not all(math.isfinite(d) for d in diffs):
+        return na_result("a value is NaN or Inf")
+    se = _sample_std(diffs, diff) / math.sqrt(n)
+    if se == 0.0:
+        return na_result("every seed differs by the same amount (no spread)")
+    from scipy import stats
+
+    t = diff / se
+    p = float(2.0 * stats.t.sf(abs(t), n - 1))
+    half = t_quantile(0.5 + confidence / 2, n - 1) * se
+    return Comparison(n, n, ma, mb, diff, t, float(n - 1), p, diff - half, diff + half, None, confidence)
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testnet_helpers import (assert_no_orphans, checksums_by_step, client_pid, events, run_start, spawn_start,
-                             summary, wait_for_event)
+from testnet_helpers import (assert_no_orphans, checksums_by_step, client_pid, events, live_testnet, run_start,
+                             summary, wait_for_event, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,9 @@ def test_random_kills_are_survived_and_the_client_rejoins(logs_dir):
 
 
 def test_a_hung_client_is_dropped_and_rejoins_when_it_wakes(logs_dir):
-    proc = spawn_start(logs_dir, "stop", "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "400",
-                       "--exit-after-secs", "200")
-    run = logs_dir / "stop"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed" and e["step"] >= 3)
+    with live_testnet(logs_dir, "stop", "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "400",
+                      "--exit-after-secs", "200") as (proc, run):
+        wait_for_step(run, 3)
         pid = client_pid(run, 3)
         os.kill(pid, signal.SIGSTOP)
         wait_for_event(run, lambda e: e["event"] == "client_lost" and e["client_id"] == 3, timeout=60)
@@ -62,8 +60,6 @@ def test_a_hung_client_is_dropped_and_rejoins_when_it_wakes(logs_dir):
         wait_for_event(run, lambda e: e["event"] == "step_committed" and e["members"] == [1, 2, 3]
                        and e["step"] > committed["step"], timeout=90)
         out, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
     assert proc.returncode == 0, err
     s = summary(run)
     assert s["status"] == "finished" and s["clients_dropped"] >= 1 and s["discarded_steps"] >= 1
@@ -75,15 +71,11 @@ def test_resume_reproduces_the_uninterrupted_run(logs_dir):
     full = run_start(logs_dir, "full", "--num-clients", "2", "--tiers", "0,1", "--total-steps", "24",
                      "--checkpoint-every", "4")
     assert full.returncode == 0, full.stderr
-    proc = spawn_start(logs_dir, "cut", "--num-clients", "2", "--tiers", "0,1", "--total-steps", "24",
-                       "--checkpoint-every", "4")
-    run = logs_dir / "cut"
-    try:
+    with live_testnet(logs_dir, "cut", "--num-clients", "2", "--tiers", "0,1", "--total-steps", "24",
+                      "--checkpoint-every", "4") as (proc, run):
         wait_for_event(run, lambda e: e["event"] == "checkpoint_saved" and e["step"] >= 8)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert summary(run)["status"] == "interrupted"
     cut_at = summary(run)["steps_completed"]
     assert cut_at < 24
@@ -118,14 +110,11 @@ def test_injected_latency_shows_in_exchange_times(logs_dir):
 
 
 def test_below_min_clients_waits_then_fails_with_a_reason(logs_dir):
-    proc = spawn_start(logs_dir, "few", "--num-clients", "2", "--min-clients", "2", "--total-steps", "400")
-    run = logs_dir / "few"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed" and e["step"] >= 2)
+    with live_testnet(logs_dir, "few", "--num-clients", "2", "--min-clients", "2",
+                      "--total-steps", "400") as (proc, run):
+        wait_for_step(run, 2)
         os.kill(client_pid(run, 2), signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+        proc.communicate(timeout=120)
     assert proc.returncode == 1
     s = summary(run)
     assert s["status"] == "failed" and "min_clients" in s["reason"]

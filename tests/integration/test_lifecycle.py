@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from testnet_helpers import (ROOT, TINY, assert_no_orphans, client_pid, spawn_start, summary,
-                             cli_cmd, wait_for_event)
+from testnet_helpers import (ROOT, TINY, assert_no_orphans, cli_cmd, client_pid, live_testnet, summary,
+                             wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,8 @@ def _start(tmp_path, *args):
     (["--helper-fractions=-0.1"], "--helper-fractions values must be in [0, 1]"),
     (["--num-clients", "0"], "--num-clients must be >= 1"),
     (["--sync", "maybe"], "--sync must be one of"),
+    (["--name", "../escape"], "must be one directory name"),
+    (["--name", "a/b"], "must be one directory name"),
 ])
 def test_bad_flags(tmp_path, args, needle):
     _assert_one_line_error(_start(tmp_path, "--config-path", str(TINY), *args), needle)
@@ -92,18 +94,14 @@ def test_port_in_use(tmp_path):
 
 
 def test_wrong_token_is_refused_and_the_run_is_unaffected(logs_dir):
-    proc = spawn_start(logs_dir, "auth", "--num-clients", "2", "--tiers", "0,1", "--total-steps", "30")
-    run = logs_dir / "auth"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed")
+    with live_testnet(logs_dir, "auth", "--num-clients", "2", "--tiers", "0,1", "--total-steps", "30") as (proc, run):
+        wait_for_step(run, 0)
         port = json.loads((run / "coordinator.json").read_text())["port"]
         env = {**os.environ, "HETERO_TESTNET_TOKEN": "not-the-token"}
         intruder = subprocess.run(cli_cmd("client", "--coordinator", f"127.0.0.1:{port}", "--tier", "0"),
                                   capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
         _assert_one_line_error(intruder, "invalid run token")
         out, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
     assert proc.returncode == 0, err
     s = summary(run)
     assert s["status"] == "finished" and s["replicas_identical"] and s["rejected_connections"] == 1
@@ -112,14 +110,10 @@ def test_wrong_token_is_refused_and_the_run_is_unaffected(logs_dir):
 
 
 def test_sigkill_of_a_client_is_survived_and_nothing_is_left(logs_dir):
-    proc = spawn_start(logs_dir, "kc", "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "40")
-    run = logs_dir / "kc"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed" and e["step"] >= 3)
+    with live_testnet(logs_dir, "kc", "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "40") as (proc, run):
+        wait_for_step(run, 3)
         os.kill(client_pid(run, 2), signal.SIGKILL)
         out, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
     s = summary(run)
     assert proc.returncode == 0, err
     assert s["status"] == "finished" and s["steps_completed"] == 40 and s["clients_lost"] >= 1
@@ -128,15 +122,11 @@ def test_sigkill_of_a_client_is_survived_and_nothing_is_left(logs_dir):
 
 
 def test_sigkill_of_the_coordinator_ends_everything(logs_dir):
-    proc = spawn_start(logs_dir, "kco", "--num-clients", "2", "--total-steps", "200")
-    run = logs_dir / "kco"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed" and e["step"] >= 2)
+    with live_testnet(logs_dir, "kco", "--num-clients", "2", "--total-steps", "200") as (proc, run):
+        wait_for_step(run, 2)
         coordinator = json.loads((run / "coordinator.json").read_text())["pid"]
         os.kill(coordinator, signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+        proc.communicate(timeout=60)
     assert proc.returncode == 1
     s = summary(run)
     assert s["status"] == "failed" and "SIGKILL" in s["reason"]
@@ -146,14 +136,10 @@ def test_sigkill_of_the_coordinator_ends_everything(logs_dir):
 
 
 def test_ctrl_c_interrupts_cleanly(logs_dir):
-    proc = spawn_start(logs_dir, "cc", "--num-clients", "2", "--total-steps", "200")
-    run = logs_dir / "cc"
-    try:
-        wait_for_event(run, lambda e: e["event"] == "step_committed" and e["step"] >= 2)
+    with live_testnet(logs_dir, "cc", "--num-clients", "2", "--total-steps", "200") as (proc, run):
+        wait_for_step(run, 2)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert proc.returncode == 130, err
     s = summary(run)
     assert s["status"] == "interrupted" and 2 <= s["steps_completed"] < 200

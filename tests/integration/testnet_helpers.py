@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -33,6 +35,19 @@ def run_start(logs_dir: Path, name: str, *extra: str, timeout: float = 240) -> s
 def spawn_start(logs_dir: Path, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(start_args(logs_dir, name, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
+
+
+@contextmanager
+def live_testnet(logs_dir: Path, name: str, *extra: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A testnet running in the background, and its run directory; killed on the way out, whatever
+    the test did, so a failed assertion never leaves a run behind."""
+    proc = spawn_start(logs_dir, name, *extra)
+    try:
+        yield proc, logs_dir / name
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -61,6 +76,11 @@ def wait_for_event(run_dir: Path, predicate, timeout: float = 120.0) -> dict:
                 return e
         time.sleep(0.1)
     raise AssertionError(f"no matching event in {run_dir} within {timeout} s")
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120.0) -> dict:
+    """Wait until step `step` (or a later one) is committed."""
+    return wait_for_event(run_dir, lambda e: e["event"] == "step_committed" and e["step"] >= step, timeout)
 
 
 def started_pids(run_dir: Path) -> list[int]:

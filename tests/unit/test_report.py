@@ -12,8 +12,8 @@ import pytest
 
 from hetero_testnet.experiment_spec import build_derived_config, config_fingerprint, load_experiment
 from hetero_testnet.experiments import write_manifest
-from hetero_testnet.report import build_report, csv_columns, load_run, write_report
-from hetero_testnet.stats import welch
+from hetero_testnet.report import build_report, csv_columns, load_run, significance_word, write_report
+from hetero_testnet.stats import paired, welch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,7 @@ configurations:
 
 @pytest.fixture
 def experiment(tmp_path: Path) -> Path:
-    """A complete synthetic experiment: 0-0 and 0-1 on 3 seeds (0-1 worse by 0.5 val), none-0-1 on 1."""
+    """A complete synthetic experiment: 0-0 and 0-1 on 3 seeds (0-1 worse by 0.51-0.53 val, so seed pairs differ), none-0-1 on 1."""
     yaml_path = tmp_path / "synth.yaml"
     yaml_path.write_text(SMOKE_LIKE.format(base=ROOT / "configs" / "tiny"))
     spec = load_experiment(yaml_path)
@@ -132,7 +132,7 @@ def experiment(tmp_path: Path) -> Path:
     write_manifest(spec, exp, cfg, config_fingerprint(cfg))
     for seed in (1, 2, 3):
         synth_run(exp / f"0-0-seed{seed}", tiers=[0, 0], seed=seed)
-        synth_run(exp / f"0-1-seed{seed}", tiers=[0, 1], seed=seed, val_offset=0.5)
+        synth_run(exp / f"0-1-seed{seed}", tiers=[0, 1], seed=seed, val_offset=0.5 + 0.01 * seed)
     synth_run(exp / "none-0-1-seed1", tiers=[0, 1], seed=1, sync="none", val_offset=1.0)
     return exp
 
@@ -226,12 +226,26 @@ def test_report_statistics_match_stats_module(experiment: Path):
     assert cp.significant() is True
     none = rep.comparisons["val_loss_tier0"]["none-0-1"]
     assert none.p is None and none.n_x == 1      # n = 1: n/a, never a p-value
+    pair = rep.paired["val_loss_tier0"]["0-1"]
+    ref = paired(c01.by_seed("val_loss_tier0"), c00.by_seed("val_loss_tier0"))
+    assert pair.n_x == 3 and pair.p == pytest.approx(ref.p) and pair.diff == pytest.approx(cp.diff)
+    assert rep.paired["val_loss_tier0"]["none-0-1"].p is None   # one common seed: no paired test
+
+
+def test_significance_mark_follows_the_holm_adjusted_p():
+    cp = welch([1.0, 1.1, 1.2], [0.0, 0.1, 0.05])
+    assert cp.p < 0.05
+    assert significance_word(cp, holm_p=cp.p) == "yes"
+    assert significance_word(cp, holm_p=0.2) == "unadjusted only"
+    assert significance_word(welch([1.0, 2.0], [1.1, 1.9]), holm_p=1.0) == "no"
+    assert significance_word(welch([1.0], [1.1, 1.9]), holm_p=None) == "n/a"
 
 
 def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
     out = tmp_path / "out"
     paths = write_report(build_report(experiment), out)
-    assert {p.name for p in paths} == {"results.md", "results.csv", "results.json", "val_loss.png", "train_loss.png"}
+    assert {p.name for p in paths} == {"results.md", "results.csv", "results.json", "val_loss.png", "train_loss.png",
+                                       "val_loss_diff.png"}
     for p in paths:
         assert p.stat().st_size > 0
     with open(out / "results.csv") as f:
@@ -247,11 +261,12 @@ def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
     by = {r["config"]: r for r in rows}
     assert by["0-1"]["val_loss_tier0_diff_significant"] == "yes"
     assert by["none-0-1"]["val_loss_tier0_diff_significant"] == "n/a"
+    assert by["0-1"]["val_loss_tier0_paired_n"] == "3" and float(by["0-1"]["val_loss_tier0_paired_p"]) < 0.05
     assert by["none-0-1"]["val_loss_tier0_ci95"] == ""        # n = 1: no CI
     assert by["0-0"]["n_seeds"] == "3" and by["0-0"]["val_loss_tier1_mean"] == ""
     md = (out / "results.md").read_text()
     for section in ["## Setup", "## Final losses", "## Difference vs baseline `0-0`: validation loss, tier 0",
-                    "## Throughput and health", "## Independent replicas", "## Runs", "## Plots",
+                    "## Paired by seed: validation loss, tier 0 (full model), vs `0-0`", "## Throughput and health", "## Independent replicas", "## Runs", "## Plots",
                     "## What these numbers can and cannot tell", "## Columns of results.csv"]:
         assert section in md
     assert "K = 4" in md and "n=1, no CI" in md and "not a shared model" in md

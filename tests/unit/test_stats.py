@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from hetero_testnet.stats import holm, mean_ci, welch
+from hetero_testnet.stats import holm, mean_ci, paired, welch
 
 
 def test_mean_ci_against_hand_values():
@@ -79,3 +79,29 @@ def test_holm():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([None, 0.5]) == [None, 0.5]
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_matches_scipy_and_uses_only_common_seeds():
+    x = {1: 7.02, 2: 6.98, 3: 6.99, 9: 5.0}          # seed 9 has no partner: left out
+    base = {1: 6.96, 2: 6.95, 3: 6.95, 4: 1.0}
+    c = paired(x, base)
+    ref = sps.ttest_rel([7.02, 6.98, 6.99], [6.96, 6.95, 6.95])
+    assert c.n_x == c.n_baseline == 3 and c.df == 2
+    assert c.t == pytest.approx(ref.statistic, rel=1e-9) and c.p == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (c.ci_low, c.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert c.diff == pytest.approx((0.06 + 0.03 + 0.04) / 3)
+
+
+def test_paired_is_more_powerful_than_welch_when_seeds_share_variation():
+    base = {1: 6.0, 2: 7.0, 3: 8.0}
+    x = {s: v + 0.1 + 0.01 * s for s, v in base.items()}   # a small shift on top of a large seed effect
+    assert paired(x, base).p < 0.05
+    assert welch(list(x.values()), list(base.values())).p > 0.5
+
+
+def test_paired_not_applicable_cases():
+    assert "have 1 in common" in paired({1: 1.0, 2: 2.0}, {1: 1.5, 3: 2.0}).reason
+    assert paired({1: 1.0, 2: None}, {1: 1.5, 2: 2.0}).p is None
+    assert "same amount" in paired({1: 2.0, 2: 3.0}, {1: 1.0, 2: 2.0}).reason
+    assert "NaN" in paired({1: float("nan"), 2: 3.0}, {1: 1.0, 2: 2.0}).reason
