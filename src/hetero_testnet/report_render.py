@@ -137,8 +137,7 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
             sig = significance_word(cp, report.holm(metric, label))
             rows.append([f"`{label}`", f"{cp.n_x} vs {cp.n_baseline}", fmt(cp.diff, signed=True), _ci(cp),
                          fmt_p(cp.p), fmt_p(report.holm(metric, label)),
-                         {"yes": "**yes** *", "no": "no", "unadjusted only": f"no (p < {ALPHA} before correction)",
-                          "n/a": f"n/a: {cp.reason}"}[sig],
+                         _mark(sig, cp),
                          _spread_word(report, label, metric, cp)])
         lines += _table(header, rows) + [""]
     lines += _paired_section(report)
@@ -217,6 +216,12 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _mark(significance: str, cp: Comparison) -> str:
+    """The table cell for `report.significance_word`."""
+    return {"yes": "**yes** *", "no": "no", "unadjusted only": f"no (p < {ALPHA} before correction)",
+            "n/a": f"n/a: {cp.reason}"}[significance]
+
+
 def _ci(cp: Comparison) -> str:
     return NA if cp.ci_low is None else f"[{fmt(cp.ci_low, signed=True)}, {fmt(cp.ci_high, signed=True)}]"
 
@@ -250,9 +255,7 @@ def _paired_section(report: Report) -> list[str]:
         holm_p = report.paired_holm_p[PAIRED_METRIC].get(label)
         sig = significance_word(cp, holm_p)
         rows.append([f"`{label}`", *deltas, str(cp.n_x), fmt(cp.diff, signed=True), _ci(cp), fmt_p(cp.p),
-                     fmt_p(holm_p), {"yes": "**yes** *", "no": "no",
-                                     "unadjusted only": f"no (p < {ALPHA} before correction)",
-                                     "n/a": f"n/a: {cp.reason}"}[sig]])
+                     fmt_p(holm_p), _mark(sig, cp)])
     return lines + _table(header, rows) + [""]
 
 
