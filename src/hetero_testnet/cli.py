@@ -24,6 +24,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from hetero_testnet import __version__
+
+        try:
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = "not installed"
+        typer.echo(f"hetero-testnet {__version__} (torch {torch_version}, python {sys.version.split()[0]})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version (and torch's) and exit.")) -> None:
+    """Heterogeneous (MatFormer-tier) distributed training on a local testnet."""
+
+
 def _register_subcommands() -> None:
     """Each command group lives in its own module; imported here so `--help` lists them all."""
     from hetero_testnet import cli_data, cli_experiment, cli_run, cli_single, cli_watch
@@ -62,10 +82,11 @@ def main() -> None:
         # Usage errors come from click or, in newer Typer, its vendored copy: match them by shape.
         if type(e).__name__ == "Abort":
             _fail("interrupted", None, 130)
-        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
-        if callable(show) and isinstance(code, int):
-            show()
-            sys.exit(code)
+        message, code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if callable(message) and isinstance(code, int):
+            ctx = getattr(e, "ctx", None)
+            command = getattr(ctx, "command_path", None) or "testnet"
+            _fail(message(), f"{command} -h shows the usage", code)
         if debug:
             raise
         _fail(f"internal error: {type(e).__name__}: {e}", "rerun with --debug for the traceback", 1)

@@ -41,9 +41,18 @@ def _start(tmp_path, *args):
     (["--sync", "maybe"], "--sync must be one of"),
     (["--name", "../escape"], "must be one directory name"),
     (["--name", "a/b"], "must be one directory name"),
+    (["--bogus"], "No such option: --bogus"),             # usage errors are one line too
+    (["--num-clients", "x"], "Invalid value for '--num-clients'"),
 ])
 def test_bad_flags(tmp_path, args, needle):
     _assert_one_line_error(_start(tmp_path, "--config-path", str(TINY), *args), needle)
+
+
+def test_version_and_unknown_command():
+    version = subprocess.run(cli_cmd("--version"), capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("hetero-testnet 0.") and "torch" in version.stdout
+    _assert_one_line_error(subprocess.run(cli_cmd("nocmd"), capture_output=True, text=True, cwd=ROOT, timeout=60),
+                           "No such command 'nocmd'")
 
 
 def _config_dir(tmp_path, text, name="config.yaml"):
