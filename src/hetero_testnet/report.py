@@ -284,7 +284,8 @@ class ConfigResult:
     planned_seeds: list[int]
     runs: list[RunResult]
     failed_attempts: int = 0
-    """Attempts recorded in runs.jsonl that did not finish (their directories were moved aside)."""
+    """Attempts in runs.jsonl that did not finish: ended unfinished, or cut off (the runner itself was
+    killed, so no end was recorded) and started again. Their directories were moved aside."""
 
     @property
     def finished(self) -> list[RunResult]:
@@ -365,10 +366,7 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
     if not runs:
         raise ConfigError(f"no runs in {experiment_dir} (no subdirectory with events.jsonl or summary.json)")
 
-    failed_attempts: dict[str, int] = defaultdict(int)
-    for rec in _read_jsonl(experiment_dir / RUNS_LOG_FILE):
-        if rec.get("event") == "run_ended" and rec.get("status") != "finished":
-            failed_attempts[str(rec.get("label"))] += 1
+    failed_attempts = _failed_attempts(_read_jsonl(experiment_dir / RUNS_LOG_FILE))
 
     configs: dict[str, ConfigResult] = {}
     for c in manifest.get("configurations", []):
@@ -405,6 +403,25 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
     experiment.setdefault("name", experiment_dir.name)
     return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p,
                   paired_comps, paired_holm)
+
+
+def _failed_attempts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Per label: attempts that ended unfinished, plus attempts superseded by a new start of the same
+    run without an end of their own (the runner was killed mid-run). A last start with no end is
+    not counted: that run may still be going."""
+    failed: dict[str, int] = defaultdict(int)
+    open_runs: set[str] = set()
+    for rec in records:
+        run, label = str(rec.get("run")), str(rec.get("label"))
+        if rec.get("event") == "run_started":
+            if run in open_runs:
+                failed[label] += 1
+            open_runs.add(run)
+        elif rec.get("event") == "run_ended":
+            open_runs.discard(run)
+            if rec.get("status") != "finished":
+                failed[label] += 1
+    return failed
 
 
 def _diff_metrics(configs) -> list[str]:

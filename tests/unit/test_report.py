@@ -279,11 +279,18 @@ def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
 def test_report_excludes_unfinished_runs_and_counts_attempts(experiment: Path):
     bad = experiment / "0-0-seed3"
     (bad / "summary.json").unlink()
-    (experiment / "runs.jsonl").write_text(json.dumps({"event": "run_ended", "run": "0-0-seed2", "label": "0-0",
-                                                       "status": "failed"}) + "\n")
+    records = [{"event": "run_started", "run": "0-0-seed2", "label": "0-0"},
+               {"event": "run_ended", "run": "0-0-seed2", "label": "0-0", "status": "failed"},
+               {"event": "run_started", "run": "0-0-seed2", "label": "0-0"},   # cut off: no end recorded
+               {"event": "run_started", "run": "0-0-seed2", "label": "0-0"},
+               {"event": "run_ended", "run": "0-0-seed2", "label": "0-0", "status": "finished"},
+               {"event": "run_started", "run": "0-1-seed1", "label": "0-1"}]   # may still be running
+    (experiment / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     rep = build_report(experiment)
     c00 = next(c for c in rep.configs if c.label == "0-0")
-    assert len(c00.finished) == 2 and c00.runs_not_finished == 1 and c00.failed_attempts == 1
+    c01 = next(c for c in rep.configs if c.label == "0-1")
+    assert len(c00.finished) == 2 and c00.runs_not_finished == 1 and c00.failed_attempts == 2
+    assert c01.failed_attempts == 0
     assert c00.stat("val_loss_tier0").n == 2
     import shutil
     shutil.rmtree(experiment / "0-1-seed2")
