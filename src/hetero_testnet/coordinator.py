@@ -36,12 +36,13 @@ import torch.distributed as dist
 from hetero_testnet import protocol as P
 from hetero_testnet.assignment import assign_samples
 from hetero_testnet.config import RunConfig
-from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError
+from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError, RunAborted
 from hetero_testnet.events import EventWriter
 from hetero_testnet.membership import Member, Membership
 from hetero_testnet.optim import lr_at
 from hetero_testnet.run_schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
 from hetero_testnet.run_summary import build_summary, write_json_atomic
+from hetero_testnet.step_metrics import loss_by_tier, witness_line, witness_metrics
 
 log = logging.getLogger("hetero_testnet")
 
@@ -72,14 +73,6 @@ class CoordinatorOptions:
     fault: dict[str, Any] = field(default_factory=dict)
     listen_fd: int | None = None
     """An already listening socket inherited from the launcher (so clients can start at once)."""
-
-
-class RunAborted(HeteroTestnetError):
-    """The run cannot go on; `status` is failed or interrupted."""
-
-    def __init__(self, message: str, status: str = "failed") -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Coordinator:
@@ -132,14 +125,14 @@ class Coordinator:
         peer = writer.get_extra_info("peername")
         member: Member | None = None
         try:
-            hello = await asyncio.wait_for(self._read(reader), timeout=10.0)
+            hello = await asyncio.wait_for(P.read_message(reader), timeout=10.0)
             member = self._admit(hello, writer, peer)
             if member is None:
                 await writer.drain()
                 writer.close()
                 return
             while True:
-                message = await self._read(reader)
+                message = await P.read_message(reader)
                 member.last_seen = time.monotonic()
                 if not isinstance(message, P.Heartbeat):
                     await self.queue.put((member, message))
@@ -157,11 +150,6 @@ class Coordinator:
                 writer.close()
             except Exception:  # noqa: BLE001 - closing a dead transport
                 pass
-
-    @staticmethod
-    async def _read(reader: asyncio.StreamReader) -> P.Message:
-        header = await reader.readexactly(P.HEADER_BYTES)
-        return P.decode_body(await reader.readexactly(P.frame_length(header)))
 
     def _admit(self, hello: P.Message, writer: asyncio.StreamWriter, peer: Any) -> Member | None:
         closed = f"the run is in state {self.state}" if self.state in ("Cooldown", "Finished") else None
@@ -406,19 +394,11 @@ class Coordinator:
         return "client(s) " + ", ".join(str(m.client_id) for m in hung) + " stopped responding"
 
     def _log_witness(self, member: Member, r: P.Reduced, lr: float) -> None:
-        step_time = r.compute_time_s + r.exchange_time_s
-        tps = r.tokens / step_time if step_time > 0 else 0.0
-        loss = "nan" if r.loss is None else f"{r.loss:.4f}"
-        log.info("received_witness_metadata client_id=%d matformer_tier=%d step=%d loss=%s tokens_per_sec=%.1f",
-                 member.client_id, member.tier, r.step, loss, tps)
+        log.info("%s", witness_line(member.client_id, member.tier, r))
         if r.nan_inf:
             member.nan_inf += 1
-        self.pending_metrics[(r.step, member.client_id)] = dict(
-            epoch=self.epoch, generation=r.generation, tier=member.tier, ffn_width=r.ffn_width,
-            helper_neurons=r.helper_neurons, loss=r.loss, tokens=r.tokens, trained_batches=r.trained_batches,
-            step_time_s=round(step_time, 6), compute_time_s=round(r.compute_time_s, 6),
-            exchange_time_s=round(r.exchange_time_s, 6), grad_norm=r.grad_norm, lr=lr, nan_inf=r.nan_inf,
-            rss_mb=r.rss_mb, tokens_per_sec=round(tps, 1))
+        self.pending_metrics[(r.step, member.client_id)] = witness_metrics(r, tier=member.tier, epoch=self.epoch,
+                                                                           lr=lr)
 
     def discard(self, reason: str, elapsed: float) -> None:
         self.counters["discarded_steps"] += 1
@@ -450,13 +430,9 @@ class Coordinator:
         self.tokens_trained += tokens
         self.tokens_seen += batch * self.cfg.model.max_seq_len
         self.train_time_s += elapsed
-        by_tier: dict[int, list[float]] = defaultdict(list)
-        for c, r in self.reduced.items():
-            if r.loss is not None:
-                by_tier[self.members[c].tier].append(r.loss)
-        loss_by_tier = {str(t): sum(v) / len(v) for t, v in sorted(by_tier.items())}
+        tiers = {c: self.members[c].tier for c in self.reduced}
         self.events.emit("step_committed", step=step, epoch=self.epoch, generation=self.generation, lr=lr,
-                         loss_by_tier=loss_by_tier, tokens=tokens, step_wall_s=round(elapsed, 6),
+                         loss_by_tier=loss_by_tier(self.reduced, tiers), tokens=tokens, step_wall_s=round(elapsed, 6),
                          tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
                          members=self.generation_members, total_steps=self.t.total_steps, log=False)
         self.step += 1
@@ -543,9 +519,6 @@ class Coordinator:
             self.events.emit("epoch", step=self.step, epoch=self.epoch)
 
     # ------------------------------------------------------------------ lifecycle
-    def summary(self, status: str, reason: str) -> dict[str, Any]:
-        return build_summary(self, status, reason)
-
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         try:
@@ -584,7 +557,7 @@ class Coordinator:
         finally:
             pinger.cancel()
             self.set_state("Finished")
-            summary = self.summary(status, reason)
+            summary = build_summary(self, status, reason)
             write_json_atomic(self.opts.run_dir / SUMMARY_FILE, summary)
             self.events.emit("run_finished", step=self.step, status=status, reason=reason,
                              steps_completed=self.step, total_steps=self.t.total_steps,

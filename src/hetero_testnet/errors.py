@@ -38,3 +38,11 @@ class PeerLostError(HeteroTestnetError):
 
 class RunFailedError(HeteroTestnetError):
     """The run ended without finishing (replicas diverged, too few clients, a crash)."""
+
+
+class RunAborted(RunFailedError):
+    """The coordinator cannot go on with the run; `status` is `failed`, or `interrupted` for a signal."""
+
+    def __init__(self, message: str, status: str = "failed") -> None:
+        super().__init__(message)
+        self.status = status

@@ -19,6 +19,7 @@ with an optional state broadcast for joiners) answered by `GroupReady`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import socket
@@ -278,6 +279,12 @@ def frame_length(header: bytes) -> int:
 
 
 HEADER_BYTES = _HEADER.size
+
+
+async def read_message(reader: "asyncio.StreamReader") -> Message:
+    """One framed message from an asyncio stream (the coordinator side); EOF raises IncompleteReadError."""
+    header = await reader.readexactly(HEADER_BYTES)
+    return decode_body(await reader.readexactly(frame_length(header)))
 
 
 def sanitize_float(x: float | None) -> float | None:
