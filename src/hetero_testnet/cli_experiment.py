@@ -144,7 +144,8 @@ def report_cmd(
                                                     "first).")] = None,
 ) -> None:
     """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff)."""
-    from hetero_testnet.report import build_report, write_report
+    from hetero_testnet.report import build_report
+    from hetero_testnet.report_export import write_report
 
     if last_k is not None and last_k < 1:
         raise ConfigError(f"--last-k must be >= 1 (got {last_k})")
@@ -196,7 +197,8 @@ def _render_headline(console: Console, rep) -> None:
 
 
 def _report_after_run(console: Console, experiment_dir: Path) -> None:
-    from hetero_testnet.report import build_report, write_report
+    from hetero_testnet.report import build_report
+    from hetero_testnet.report_export import write_report
 
     try:
         rep = build_report(experiment_dir)

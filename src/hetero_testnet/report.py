@@ -1,10 +1,11 @@
 """Experiment reports: per-configuration statistics, tables and plots from `events.jsonl`/`summary.json`.
 
 Inputs are only the machine-readable files of each run (docs/events.md) and the experiment's
-`experiment.json`/`runs.jsonl` written by `experiments.py`; no log text is parsed. Outputs, in one
-directory: `results.md` (tables and what they can and cannot tell), `results.csv` (one row per
-configuration), `results.json` (everything, per run too), `val_loss.png`, `train_loss.png`,
-`val_loss_diff.png` (same-seed differences against the baseline).
+`experiment.json`/`runs.jsonl` written by `experiments.py`; no log text is parsed. This module
+loads the runs and computes the statistics (`build_report`); `report_export.write_report` writes
+them to one directory: `results.md` (tables and what they can and cannot tell, via report_render),
+`results.csv` (one row per configuration), `results.json` (everything, per run too),
+`val_loss.png`, `train_loss.png` and `val_loss_diff.png` (same-seed differences against the baseline).
 
 Definitions (the report repeats them, so a reader need not open this file):
 - *run*: one (configuration, seed); *configuration*: a tier mix with its helper fractions and sync.
@@ -37,12 +38,10 @@ Definitions (the report repeats them, so a reader need not open this file):
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import yaml
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import EVENTS_FILE, read_events
 from hetero_testnet.experiments import MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE, SUMMARY_FILE
-from hetero_testnet.stats import ALPHA, Comparison, MeanCI, holm, mean_ci, paired, welch
+from hetero_testnet.stats import Comparison, MeanCI, holm, json_number, mean_ci, paired, welch
 
 DEFAULT_LAST_K = 8
 DEFAULT_GRAD_NORM_THRESHOLD = 10.0
@@ -123,15 +122,15 @@ class RunResult:
             "name": self.name, "label": self.label, "seed": self.seed, "tiers": self.tiers,
             "helper_fractions": self.helper_fractions, "sync": self.sync, "status": self.status,
             "reason": self.reason, "steps_completed": self.steps_completed, "total_steps": self.total_steps,
-            "wall_time_s": _num(self.wall_time_s), "train_tokens_per_sec": _num(self.train_tokens_per_sec),
+            "wall_time_s": json_number(self.wall_time_s), "train_tokens_per_sec": json_number(self.train_tokens_per_sec),
             "last_k": self.last_k, "train_window_steps": list(self.train_window) if self.train_window else None,
-            "train_loss_by_client": {str(c): _num(v) for c, v in self.train_loss_by_client.items()},
+            "train_loss_by_client": {str(c): json_number(v) for c, v in self.train_loss_by_client.items()},
             "client_tiers": {str(c): t for c, t in self.client_tiers.items()},
-            "train_loss_by_tier": {str(t): _num(v) for t, v in self.train_loss_by_tier.items()},
-            "val_step": self.val_step, "val_loss_by_tier": {str(t): _num(v) for t, v in self.val_loss_by_tier.items()},
-            "val_by_replica": {k: _num(v) for k, v in self.val_by_replica.items()},
+            "train_loss_by_tier": {str(t): json_number(v) for t, v in self.train_loss_by_tier.items()},
+            "val_step": self.val_step, "val_loss_by_tier": {str(t): json_number(v) for t, v in self.val_loss_by_tier.items()},
+            "val_by_replica": {k: json_number(v) for k, v in self.val_by_replica.items()},
             "val_num_samples": self.val_num_samples, "nan_inf_count": self.nan_inf_count,
-            "grad_norm_explosions": self.grad_norm_explosions, "grad_norm_max": _num(self.grad_norm_max),
+            "grad_norm_explosions": self.grad_norm_explosions, "grad_norm_max": json_number(self.grad_norm_max),
             "clients_total": self.clients_total, "clients_completed": self.clients_completed,
             "clients_crashed": self.clients_crashed, "client_drops": self.client_drops,
             "steps_discarded": self.steps_discarded, "client_nonzero_exits": self.client_nonzero_exits,
@@ -430,123 +429,6 @@ def _diff_metrics(configs) -> list[str]:
     return sorted(keys, key=lambda k: (not k.startswith("val"), k))
 
 
-# --------------------------------------------------------------------------- writing
-
-def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """results.md, results.csv, results.json, val_loss.png, train_loss.png, val_loss_diff.png into out_dir."""
-    from hetero_testnet.report_render import render_markdown, write_plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.csv", out_dir / "results.json"]
-    header, rows = csv_rows(report)
-    with open(paths[0], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    paths[1].write_text(json.dumps(to_json(report), indent=2) + "\n")
-    plots = write_plots(report, out_dir)
-    md = out_dir / "results.md"
-    md.write_text(render_markdown(report, [p.name for p in plots]))
-    return [md, *paths, *plots]
-
-
-def csv_columns(tiers: Sequence[int]) -> list[str]:
-    cols = ["config", "tiers", "sync", "helper_fractions", "n_seeds", "seeds", "runs_not_finished",
-            "failed_attempts", "steps_completed_mean", "wall_time_s_mean", "wall_time_s_ci95",
-            "train_tokens_per_sec_mean", "train_tokens_per_sec_ci95", "last_k"]
-    for kind in ("train", "val"):
-        for t in tiers:
-            cols += [f"{kind}_loss_tier{t}_mean", f"{kind}_loss_tier{t}_ci95", f"{kind}_loss_tier{t}_n"]
-    cols += ["val_num_samples", "val_step"]
-    for m in DIFF_METRICS:
-        cols += [f"{m}_diff_vs_baseline", f"{m}_diff_ci95_low", f"{m}_diff_ci95_high", f"{m}_diff_p_welch",
-                 f"{m}_diff_p_holm", f"{m}_diff_significant", f"{m}_paired_n", f"{m}_paired_diff",
-                 f"{m}_paired_p", f"{m}_paired_p_holm"]
-    cols += ["nan_inf_count", "grad_norm_threshold", "grad_norm_explosions", "grad_norm_max",
-             "clients_completed", "clients_crashed", "client_drops", "steps_discarded", "client_nonzero_exits",
-             "baseline"]
-    return cols
-
-
-def csv_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
-    tiers = report.tiers
-    header = csv_columns(tiers)
-    rows = []
-    for c in report.configs:
-        row: dict[str, Any] = {
-            "config": c.label, "tiers": ",".join(map(str, c.tiers)), "sync": c.sync,
-            "helper_fractions": ",".join(f"{f:g}" for f in c.helper_fractions), "n_seeds": len(c.finished),
-            "seeds": ",".join(str(r.seed) for r in c.finished), "runs_not_finished": c.runs_not_finished,
-            "failed_attempts": c.failed_attempts, "last_k": report.last_k,
-            "grad_norm_threshold": report.grad_norm_threshold, "baseline": report.baseline,
-        }
-        for key in ("steps_completed", "wall_time_s", "train_tokens_per_sec"):
-            s = c.stat(key)
-            row[f"{key}_mean"], row[f"{key}_ci95"] = _cell(s.mean), _cell(s.half_width)
-        for kind in ("train", "val"):
-            for t in tiers:
-                s = c.stat(f"{kind}_loss_tier{t}")
-                key = f"{kind}_loss_tier{t}"
-                row[f"{key}_mean"], row[f"{key}_ci95"], row[f"{key}_n"] = _cell(s.mean), _cell(s.half_width), s.n
-        samples = {r.val_num_samples for r in c.finished if r.val_num_samples is not None}
-        vsteps = {r.val_step for r in c.finished if r.val_step is not None}
-        row["val_num_samples"] = ",".join(map(str, sorted(samples)))
-        row["val_step"] = ",".join(map(str, sorted(vsteps)))
-        for m in DIFF_METRICS:
-            comp = report.comparisons.get(m, {}).get(c.label)
-            if comp is None:
-                continue
-            row[f"{m}_diff_vs_baseline"] = _cell(comp.diff)
-            row[f"{m}_diff_ci95_low"], row[f"{m}_diff_ci95_high"] = _cell(comp.ci_low), _cell(comp.ci_high)
-            row[f"{m}_diff_p_welch"] = _cell(comp.p)
-            row[f"{m}_diff_p_holm"] = _cell(report.holm(m, c.label))
-            row[f"{m}_diff_significant"] = significance_word(comp, report.holm(m, c.label))
-            pair = report.paired[m][c.label]
-            row[f"{m}_paired_n"], row[f"{m}_paired_diff"] = pair.n_x, _cell(pair.diff)
-            row[f"{m}_paired_p"] = _cell(pair.p)
-            row[f"{m}_paired_p_holm"] = _cell(report.paired_holm_p[m].get(c.label))
-        h = c.health()
-        row.update({k: _cell(v) for k, v in h.items()})
-        rows.append([row.get(col, "") for col in header])
-    return header, rows
-
-
-def significance_word(comp: Comparison, holm_p: float | None) -> str:
-    """`yes` only when the Holm-adjusted p is below alpha: a report compares several configurations
-    against one baseline, so an unadjusted p < alpha alone is `unadjusted only`, not a finding."""
-    if comp.p is None:
-        return "n/a"
-    if holm_p is not None and holm_p < ALPHA:
-        return "yes"
-    return "unadjusted only" if comp.p < ALPHA else "no"
-
-
-def to_json(report: Report) -> dict[str, Any]:
-    configs = []
-    for c in report.configs:
-        metrics = {key: c.stat(key).to_dict() for key in
-                   ["steps_completed", "wall_time_s", "train_tokens_per_sec",
-                    *(f"{k}_loss_tier{t}" for k in ("train", "val") for t in report.tiers)]}
-        configs.append({"label": c.label, "tiers": c.tiers, "helper_fractions": c.helper_fractions, "sync": c.sync,
-                        "planned_seeds": c.planned_seeds, "finished_seeds": [r.seed for r in c.finished],
-                        "runs_not_finished": c.runs_not_finished, "failed_attempts": c.failed_attempts,
-                        "metrics": metrics, "health": {k: _num(v) if isinstance(v, float) else v
-                                                       for k, v in c.health().items()}})
-    comps = [{"metric": m, "config": label, "baseline": report.baseline, **comp.to_dict(),
-              "p_holm": _num(report.holm(m, label)), "significance": significance_word(comp, report.holm(m, label))}
-             for m, by_label in report.comparisons.items() for label, comp in by_label.items()]
-    pairs = [{"metric": m, "config": label, "baseline": report.baseline, "test": "paired t-test over common seeds",
-              **{k: v for k, v in comp.to_dict().items() if k != "p_welch"}, "p": _num(comp.p),
-              "p_holm": _num(report.paired_holm_p[m].get(label))}
-             for m, by_label in report.paired.items() for label, comp in by_label.items()]
-    return {"experiment": report.experiment,
-            "settings": {"last_k": report.last_k, "grad_norm_threshold": report.grad_norm_threshold,
-                         "baseline": report.baseline, "alpha": ALPHA, "confidence": 0.95,
-                         "ci": "Student t over seeds (n-1 df)", "test": "Welch's t-test, Holm-adjusted per metric",
-                         "significant": "Holm-adjusted p < alpha"},
-            "configurations": configs, "comparisons": comps, "paired_comparisons": pairs, "runs": [r.to_dict() for r in report.runs]}
-
-
 # --------------------------------------------------------------------------- helpers
 
 def _mean_by_tier(by_client: dict[int, float], client_tiers: dict[int, int]) -> dict[int, float]:
@@ -574,18 +456,6 @@ def _mean_or_nan(values: list[Any]) -> float:
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-
-def _num(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
-
-
-def _cell(v: Any) -> Any:
-    """CSV cell: '' for missing, 'nan' for non-finite, floats at full precision."""
-    if v is None:
-        return ""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
 
 
 def _read_json(path: Path) -> Any:

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 from hetero_testnet.experiment_spec import run_name
-from hetero_testnet.report import DIFF_METRICS, ConfigResult, Report, significance_word
-from hetero_testnet.stats import ALPHA, Comparison, MeanCI, mean_ci
+from hetero_testnet.report import DIFF_METRICS, ConfigResult, Report
+from hetero_testnet.stats import ALPHA, Comparison, MeanCI, mean_ci, significance_word
 
 NA = "—"
 

@@ -56,9 +56,9 @@ class MeanCI:
         return None if self.half_width is None or self.mean is None else self.mean + self.half_width
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "mean": _json_num(self.mean), "std": _json_num(self.std),
-                "ci_half_width": _json_num(self.half_width), "ci_low": _json_num(self.low),
-                "ci_high": _json_num(self.high), "confidence": self.confidence}
+        return {"n": self.n, "mean": json_number(self.mean), "std": json_number(self.std),
+                "ci_half_width": json_number(self.half_width), "ci_low": json_number(self.low),
+                "ci_high": json_number(self.high), "confidence": self.confidence}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +92,10 @@ class Comparison:
         return None if self.p is None else self.p < alpha
 
     def to_dict(self) -> dict:
-        return {"n_x": self.n_x, "n_baseline": self.n_baseline, "mean_x": _json_num(self.mean_x),
-                "mean_baseline": _json_num(self.mean_baseline), "diff": _json_num(self.diff),
-                "t": _json_num(self.t), "df": _json_num(self.df), "p_welch": _json_num(self.p),
-                "ci_low": _json_num(self.ci_low), "ci_high": _json_num(self.ci_high),
+        return {"n_x": self.n_x, "n_baseline": self.n_baseline, "mean_x": json_number(self.mean_x),
+                "mean_baseline": json_number(self.mean_baseline), "diff": json_number(self.diff),
+                "t": json_number(self.t), "df": json_number(self.df), "p_welch": json_number(self.p),
+                "ci_low": json_number(self.ci_low), "ci_high": json_number(self.ci_high),
                 "significant": self.significant(), "reason": self.reason, "confidence": self.confidence}
 
 
@@ -190,6 +190,16 @@ def paired(x: Mapping[int, float | None], baseline: Mapping[int, float | None],
     return Comparison(n, n, ma, mb, diff, t, float(n - 1), p, diff - half, diff + half, None, confidence)
 
 
+def significance_word(comp: Comparison, holm_p: float | None) -> str:
+    """`yes` only when the Holm-adjusted p is below alpha: a report compares several configurations
+    against one baseline, so an unadjusted p < alpha alone is `unadjusted only`, not a finding."""
+    if comp.p is None:
+        return "n/a"
+    if holm_p is not None and holm_p < ALPHA:
+        return "yes"
+    return "unadjusted only" if comp.p < ALPHA else "no"
+
+
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1); None stays None."""
     indexed = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
@@ -206,6 +216,6 @@ def _sample_std(xs: Sequence[float], mean: float) -> float:
     return math.sqrt(math.fsum((v - mean) ** 2 for v in xs) / (len(xs) - 1))
 
 
-def _json_num(v: float | None) -> float | None:
+def json_number(v: float | None) -> float | None:
     """JSON has no NaN/Inf: they become None (reports count non-finite values separately)."""
     return v if v is not None and math.isfinite(v) else None

@@ -12,8 +12,9 @@ import pytest
 
 from hetero_testnet.experiment_spec import build_derived_config, config_fingerprint, load_experiment
 from hetero_testnet.experiments import write_manifest
-from hetero_testnet.report import build_report, csv_columns, load_run, significance_word, write_report
-from hetero_testnet.stats import paired, welch
+from hetero_testnet.report import build_report, load_run
+from hetero_testnet.report_export import csv_columns, write_report
+from hetero_testnet.stats import paired, significance_word, welch
 
 ROOT = Path(__file__).resolve().parents[2]
 
