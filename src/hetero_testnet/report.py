@@ -334,6 +334,10 @@ class Report:
     def holm(self, metric: str, label: str) -> float | None:
         return self.holm_p.get(metric, {}).get(label)
 
+    def config(self, label: str) -> ConfigResult:
+        """The configuration with this label (the baseline's label always exists)."""
+        return next(c for c in self.configs if c.label == label)
+
     @property
     def tiers(self) -> list[int]:
         return sorted({0} | {t for c in self.configs for t in c.tiers})

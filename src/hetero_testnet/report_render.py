@@ -220,7 +220,7 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
 
 
 def _mark(significance: str, cp: Comparison) -> str:
-    """The table cell for `report.significance_word`."""
+    """The table cell for a `stats.significance_word`."""
     return {"yes": "**yes** *", "no": "no", "unadjusted only": f"no (p < {ALPHA} before correction)",
             "n/a": f"n/a: {cp.reason}"}[significance]
 
@@ -237,7 +237,7 @@ def _paired_section(report: Report) -> list[str]:
     pairs = report.paired.get(PAIRED_METRIC, {})
     if not any(cp.n_x for cp in pairs.values()):
         return []
-    base = next(c for c in report.configs if c.label == report.baseline)
+    base = report.config(report.baseline)
     base_by_seed = base.by_seed(PAIRED_METRIC)
     seeds = sorted(base_by_seed)
     k = sum(1 for cp in pairs.values() if cp.applicable)
@@ -252,7 +252,7 @@ def _paired_section(report: Report) -> list[str]:
               "p (paired t)", f"p (Holm, k={k})", f"significant (Holm p < {ALPHA})"]
     rows = []
     for label, cp in pairs.items():
-        cfg = next(c for c in report.configs if c.label == label).by_seed(PAIRED_METRIC)
+        cfg = report.config(label).by_seed(PAIRED_METRIC)
         deltas = [fmt(cfg[s] - base_by_seed[s], signed=True)
                   if cfg.get(s) is not None and base_by_seed[s] is not None else NA for s in seeds]
         holm_p = report.paired_holm_p[PAIRED_METRIC].get(label)
@@ -265,8 +265,8 @@ def _paired_section(report: Report) -> list[str]:
 def _spread_word(report: Report, label: str, metric: str, cp: Comparison) -> str:
     if cp.diff is None or not math.isfinite(cp.diff):
         return NA
-    cfg = next(c for c in report.configs if c.label == label)
-    base = next(c for c in report.configs if c.label == report.baseline)
+    cfg = report.config(label)
+    base = report.config(report.baseline)
     stds = [s for s in (cfg.stat(metric).std, base.stat(metric).std) if s is not None and math.isfinite(s)]
     if not stds:
         return "unknown (n < 2)"
@@ -305,8 +305,8 @@ def conclusions(report: Report) -> list[str]:
     if tested:
         parts = []
         for label, cp in tested.items():
-            cfg = next(c for c in report.configs if c.label == label).by_seed(PAIRED_METRIC)
-            base = next(c for c in report.configs if c.label == report.baseline).by_seed(PAIRED_METRIC)
+            cfg = report.config(label).by_seed(PAIRED_METRIC)
+            base = report.config(report.baseline).by_seed(PAIRED_METRIC)
             worse = sum(1 for s in cfg.keys() & base.keys()
                         if cfg[s] is not None and base[s] is not None and cfg[s] > base[s])
             parts.append(f"`{label}` {fmt(cp.diff, signed=True)} (higher on {worse} of {cp.n_x} seeds, paired "
@@ -426,9 +426,7 @@ def _write_diff_plot(report: Report, path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    base = next((c for c in report.configs if c.label == report.baseline), None)
-    if base is None:
-        return None
+    base = report.config(report.baseline)
     base_runs = {r.seed: r for r in base.finished if r.seed is not None}
     tiers = sorted({t for r in base_runs.values() for t in r.val_curve})
     others = [(i, c) for i, c in enumerate(report.configs) if c.label != report.baseline]
