@@ -122,12 +122,14 @@ class RunResult:
             "name": self.name, "label": self.label, "seed": self.seed, "tiers": self.tiers,
             "helper_fractions": self.helper_fractions, "sync": self.sync, "status": self.status,
             "reason": self.reason, "steps_completed": self.steps_completed, "total_steps": self.total_steps,
-            "wall_time_s": json_number(self.wall_time_s), "train_tokens_per_sec": json_number(self.train_tokens_per_sec),
+            "wall_time_s": json_number(self.wall_time_s),
+            "train_tokens_per_sec": json_number(self.train_tokens_per_sec),
             "last_k": self.last_k, "train_window_steps": list(self.train_window) if self.train_window else None,
             "train_loss_by_client": {str(c): json_number(v) for c, v in self.train_loss_by_client.items()},
             "client_tiers": {str(c): t for c, t in self.client_tiers.items()},
             "train_loss_by_tier": {str(t): json_number(v) for t, v in self.train_loss_by_tier.items()},
-            "val_step": self.val_step, "val_loss_by_tier": {str(t): json_number(v) for t, v in self.val_loss_by_tier.items()},
+            "val_step": self.val_step,
+            "val_loss_by_tier": {str(t): json_number(v) for t, v in self.val_loss_by_tier.items()},
             "val_by_replica": {k: json_number(v) for k, v in self.val_by_replica.items()},
             "val_num_samples": self.val_num_samples, "nan_inf_count": self.nan_inf_count,
             "grad_norm_explosions": self.grad_norm_explosions, "grad_norm_max": json_number(self.grad_norm_max),
@@ -333,6 +335,9 @@ class Report:
 
     def holm(self, metric: str, label: str) -> float | None:
         return self.holm_p.get(metric, {}).get(label)
+
+    def paired_holm(self, metric: str, label: str) -> float | None:
+        return self.paired_holm_p.get(metric, {}).get(label)
 
     def config(self, label: str) -> ConfigResult:
         """The configuration with this label (the baseline's label always exists)."""

@@ -91,7 +91,7 @@ def csv_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
             pair = report.paired[m][c.label]
             row[f"{m}_paired_n"], row[f"{m}_paired_diff"] = pair.n_x, _cell(pair.diff)
             row[f"{m}_paired_p"] = _cell(pair.p)
-            row[f"{m}_paired_p_holm"] = _cell(report.paired_holm_p[m].get(c.label))
+            row[f"{m}_paired_p_holm"] = _cell(report.paired_holm(m, c.label))
         h = c.health()
         row.update({k: _cell(v) for k, v in h.items()})
         rows.append([row.get(col, "") for col in header])
@@ -111,18 +111,20 @@ def to_json(report: Report) -> dict[str, Any]:
                         "metrics": metrics, "health": {k: json_number(v) if isinstance(v, float) else v
                                                        for k, v in c.health().items()}})
     comps = [{"metric": m, "config": label, "baseline": report.baseline, **comp.to_dict(),
-              "p_holm": json_number(report.holm(m, label)), "significance": significance_word(comp, report.holm(m, label))}
+              "p_holm": json_number(report.holm(m, label)),
+              "significance": significance_word(comp, report.holm(m, label))}
              for m, by_label in report.comparisons.items() for label, comp in by_label.items()]
     pairs = [{"metric": m, "config": label, "baseline": report.baseline, "test": "paired t-test over common seeds",
               **{k: v for k, v in comp.to_dict().items() if k != "p_welch"}, "p": json_number(comp.p),
-              "p_holm": json_number(report.paired_holm_p[m].get(label))}
+              "p_holm": json_number(report.paired_holm(m, label))}
              for m, by_label in report.paired.items() for label, comp in by_label.items()]
     return {"experiment": report.experiment,
             "settings": {"last_k": report.last_k, "grad_norm_threshold": report.grad_norm_threshold,
                          "baseline": report.baseline, "alpha": ALPHA, "confidence": 0.95,
                          "ci": "Student t over seeds (n-1 df)", "test": "Welch's t-test, Holm-adjusted per metric",
                          "significant": "Holm-adjusted p < alpha"},
-            "configurations": configs, "comparisons": comps, "paired_comparisons": pairs, "runs": [r.to_dict() for r in report.runs]}
+            "configurations": configs, "comparisons": comps, "paired_comparisons": pairs,
+            "runs": [r.to_dict() for r in report.runs]}
 
 
 def _cell(v: Any) -> Any:

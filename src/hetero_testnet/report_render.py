@@ -255,7 +255,7 @@ def _paired_section(report: Report) -> list[str]:
         cfg = report.config(label).by_seed(PAIRED_METRIC)
         deltas = [fmt(cfg[s] - base_by_seed[s], signed=True)
                   if cfg.get(s) is not None and base_by_seed[s] is not None else NA for s in seeds]
-        holm_p = report.paired_holm_p[PAIRED_METRIC].get(label)
+        holm_p = report.paired_holm(PAIRED_METRIC, label)
         sig = significance_word(cp, holm_p)
         rows.append([f"`{label}`", *deltas, str(cp.n_x), fmt(cp.diff, signed=True), _ci(cp), fmt_p(cp.p),
                      fmt_p(holm_p), _mark(sig, cp)])
@@ -310,9 +310,9 @@ def conclusions(report: Report) -> list[str]:
             worse = sum(1 for s in cfg.keys() & base.keys()
                         if cfg[s] is not None and base[s] is not None and cfg[s] > base[s])
             parts.append(f"`{label}` {fmt(cp.diff, signed=True)} (higher on {worse} of {cp.n_x} seeds, paired "
-                         f"p = {fmt_p(cp.p)}, Holm p = {fmt_p(report.paired_holm_p[PAIRED_METRIC].get(label))})")
+                         f"p = {fmt_p(cp.p)}, Holm p = {fmt_p(report.paired_holm(PAIRED_METRIC, label))})")
         survivors = [label for label in tested
-                     if (report.paired_holm_p[PAIRED_METRIC].get(label) or 1.0) < ALPHA]
+                     if (report.paired_holm(PAIRED_METRIC, label) or 1.0) < ALPHA]
         verdict = ("; after Holm correction the paired test supports a difference for "
                    + ", ".join(f"`{x}`" for x in survivors)) if survivors else \
             "; none survives Holm correction, so the pairing does not turn these into findings either"

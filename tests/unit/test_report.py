@@ -123,7 +123,8 @@ configurations:
 
 @pytest.fixture
 def experiment(tmp_path: Path) -> Path:
-    """A complete synthetic experiment: 0-0 and 0-1 on 3 seeds (0-1 worse by 0.51-0.53 val, so seed pairs differ), none-0-1 on 1."""
+    """A complete synthetic experiment: 0-0 and 0-1 on 3 seeds (0-1 worse by 0.51-0.53 val, so the seed
+    pairs differ), none-0-1 on 1."""
     yaml_path = tmp_path / "synth.yaml"
     yaml_path.write_text(SMOKE_LIKE.format(base=ROOT / "configs" / "tiny"))
     spec = load_experiment(yaml_path)
@@ -267,7 +268,8 @@ def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
     assert by["0-0"]["n_seeds"] == "3" and by["0-0"]["val_loss_tier1_mean"] == ""
     md = (out / "results.md").read_text()
     for section in ["## Setup", "## Final losses", "## Difference vs baseline `0-0`: validation loss, tier 0",
-                    "## Paired by seed: validation loss, tier 0 (full model), vs `0-0`", "## Throughput and health", "## Independent replicas", "## Runs", "## Plots",
+                    "## Paired by seed: validation loss, tier 0 (full model), vs `0-0`", "## Throughput and health",
+                    "## Independent replicas", "## Runs", "## Plots",
                     "## What these numbers can and cannot tell", "## Columns of results.csv"]:
         assert section in md
     assert "K = 4" in md and "n=1, no CI" in md and "not a shared model" in md
