@@ -69,8 +69,8 @@ def bench_testnet(config: str, steps: int, clients: int, workdir: Path) -> dict:
 _SINGLE = r"""
 import sys, time, torch
 from hetero_testnet.config import load_run_config
-from hetero_testnet.data import open_split
-from hetero_testnet.model import build_model
+from hetero_testnet.data.shards import open_split
+from hetero_testnet.model.nanogpt import build_model
 cfg = load_run_config(sys.argv[1]); steps = int(sys.argv[2]); m = cfg.model
 torch.set_num_threads(int(sys.argv[3]))
 model = build_model(m, cfg.seed)
@@ -92,8 +92,8 @@ _DDP = r"""
 import os, sys, time, datetime, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from hetero_testnet.config import load_run_config
-from hetero_testnet.data import open_split
-from hetero_testnet.model import build_model
+from hetero_testnet.data.shards import open_split
+from hetero_testnet.model.nanogpt import build_model
 cfg = load_run_config(sys.argv[1]); steps = int(sys.argv[2]); m = cfg.model
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 torch.set_num_threads(int(sys.argv[3]))

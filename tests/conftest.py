@@ -22,7 +22,7 @@ def tiny_config():
 @pytest.fixture
 def tiny_model(tiny_config):
     """A freshly initialised tiny NanoGPT (seed 0); a new one per test, so tests may mutate it."""
-    from hetero_testnet.model import build_model
+    from hetero_testnet.model.nanogpt import build_model
 
     return build_model(tiny_config.model, seed=0)
 

@@ -226,9 +226,31 @@ def _require(condition: bool, message: str) -> None:
 
 # --------------------------------------------------------------------------- loading
 
-def find_config_file(path: Path) -> Path:
-    """A config file, or the first of CONFIG_FILE_NAMES inside a directory."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_CONFIGS_DIR = PACKAGE_DIR / "configs"
+"""The configs that ship inside the package (the checkout's `configs/` is a link to this folder)."""
+DEFAULT_CONFIG = BUNDLED_CONFIGS_DIR / "nanogpt-20m-run"
+DEFAULT_DATA_DIR = PACKAGE_DIR / "data" / "sample"
+"""The bundled token shards; a config without `data_location` trains on them."""
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The one rule for finding a config: the path as given if it exists, else the bundled config of
+    that name (`tiny`, `nanogpt-20m-run`, `experiments/smoke.yaml`; a leading `configs/`, as the
+    README writes them, is allowed). So `--config-path configs/tiny` works from any directory, in a
+    checkout and in an installed wheel alike. A path that is neither is returned unchanged (the caller
+    reports it as missing)."""
     path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    bundled = BUNDLED_CONFIGS_DIR.joinpath(*parts) if parts else BUNDLED_CONFIGS_DIR
+    return bundled if parts and bundled.exists() else path
+
+
+def find_config_file(path: Path) -> Path:
+    """A config file, or the first of CONFIG_FILE_NAMES inside a directory (found by `resolve_config_path`)."""
+    path = resolve_config_path(path)
     if path.is_dir():
         for name in CONFIG_FILE_NAMES:
             if (path / name).is_file():
@@ -351,8 +373,6 @@ _MODEL_FIELDS = {f.name: (int if f.type in ("int", int) else float)
                  for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_len"}
 _LR_FIELDS = {"base_lr": float, "warmup_steps": int, "warmup_init_lr": float, "total_steps": int, "final_lr": float}
 _OPT_FIELDS = {"betas": tuple, "weight_decay": float, "eps": float, "clip_grad_norm": float}
-
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> RunConfig:

@@ -22,11 +22,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from hetero_testnet.cli_experiment import register
+from hetero_testnet.cli.experiment import register
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.experiment_spec import load_experiment
-from hetero_testnet.experiments import ExperimentRunner
-from hetero_testnet.report_export import csv_columns
+from hetero_testnet.experiments.spec import load_experiment
+from hetero_testnet.experiments.runner import ExperimentRunner
+from hetero_testnet.experiments.export import csv_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "experiments" / "smoke.yaml"

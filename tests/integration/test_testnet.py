@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetero_testnet.aggregation import (apply_average, grad_views, layout_for_model, pack_contribution,
+from hetero_testnet.exchange.aggregation import (apply_average, grad_views, layout_for_model, pack_contribution,
                                         shard_bounds, sum_of_squares)
-from hetero_testnet.assignment import assign_samples
+from hetero_testnet.run.assignment import assign_samples
 from hetero_testnet.config import load_run_config
-from hetero_testnet.data import open_split
-from hetero_testnet.matformer import build_neuron_set, is_ffn_param, neuron_mask
-from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW, clip_coefficient, lr_at
-from hetero_testnet.training import forward_backward
+from hetero_testnet.data.shards import open_split
+from hetero_testnet.model.matformer import build_neuron_set, is_ffn_param, neuron_mask
+from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, lr_at
+from hetero_testnet.model.train import forward_backward
 
 from testnet_helpers import TINY, checksums_by_step, events, run_start, summary
 

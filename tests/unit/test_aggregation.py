@@ -2,7 +2,7 @@
 
 import torch
 
-from hetero_testnet.aggregation import (apply_average, build_layout, grad_views, pack_contribution,
+from hetero_testnet.exchange.aggregation import (apply_average, build_layout, grad_views, pack_contribution,
                                         shard_bounds, sum_of_squares)
 
 L, I, C = 2, 4, 3  # layers, FFN width, hidden

@@ -1,4 +1,4 @@
-from hetero_testnet.assignment import assign_samples
+from hetero_testnet.run.assignment import assign_samples
 
 
 def test_reference_split_rule():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hetero_testnet.checkpoint as ckpt_mod
-from hetero_testnet.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoint_meta, save_checkpoint,
+import hetero_testnet.model.checkpoint as ckpt_mod
+from hetero_testnet.model.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoint_meta, save_checkpoint,
                                        write_initial_checkpoint)
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW
+from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.optim import MaskedAdamW
 
 
 def _trained(tiny_config):

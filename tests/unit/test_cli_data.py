@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from hetero_testnet import data, data_prepare
-from hetero_testnet.cli_data import data_app
+from hetero_testnet.data import shards as data
+from hetero_testnet.data import prepare as data_prepare
+from hetero_testnet.cli.data import data_app
 from hetero_testnet.errors import DataError
 
 runner = CliRunner(env={"COLUMNS": "200"})  # Rich reads the width from COLUMNS

@@ -34,8 +34,8 @@ def _value(output: str, key: str) -> str:
 
 
 def test_init_writes_the_seeded_model(tiny_config, tmp_path):
-    from hetero_testnet.checkpoint import load_checkpoint
-    from hetero_testnet.model import build_model, count_parameters
+    from hetero_testnet.model.checkpoint import load_checkpoint
+    from hetero_testnet.model.nanogpt import build_model, count_parameters
 
     r = run_testnet("init", "--config", str(TINY_CONFIG_DIR), "--seed", "5", "--out", str(tmp_path / "init"))
     assert r.returncode == 0, r.stderr
@@ -70,7 +70,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def test_eval_of_a_missing_checkpoint_is_a_config_error(tmp_path):
-    from hetero_testnet.cli_single import eval_
+    from hetero_testnet.cli.single import eval_
 
     with pytest.raises(ConfigError, match="does not exist"):
         eval_(checkpoint=tmp_path / "missing", tier=0, config=TINY_CONFIG_DIR, num_samples=None, batch_size=8,

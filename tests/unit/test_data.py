@@ -1,4 +1,4 @@
-"""Shard formats, sample indexing and every bad-data message of `hetero_testnet.data`."""
+"""Shard formats, sample indexing and every bad-data message of `hetero_testnet.data.shards`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetero_testnet import data
+from hetero_testnet.data import shards as data
 from hetero_testnet.config import DataConfig
 from hetero_testnet.errors import ConfigError, DataError
 
@@ -219,12 +219,12 @@ def test_fewer_tokens_than_one_sample(tmp_path: Path) -> None:
 
 def _cli_available() -> bool:
     try:
-        return importlib.util.find_spec("hetero_testnet.cli_single") is not None
+        return importlib.util.find_spec("hetero_testnet.cli.single") is not None
     except ImportError:
         return False
 
 
-@pytest.mark.skipif(not _cli_available(), reason="hetero_testnet.cli_single (imported by cli.py) does not exist yet")
+@pytest.mark.skipif(not _cli_available(), reason="hetero_testnet.cli.single (imported by cli.py) does not exist yet")
 def test_cli_inspect_bad_shard_is_one_error_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.bin"
     path.write_bytes(b"\1\2\3")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.experiment_spec import build_derived_config, expand, load_experiment
+from hetero_testnet.experiments.spec import build_derived_config, expand, load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny"

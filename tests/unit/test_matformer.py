@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.matformer import (NeuronSet, build_neuron_set, build_update_masks, expand_neuron_vector,
+from hetero_testnet.model.matformer import (NeuronSet, build_neuron_set, build_update_masks, expand_neuron_vector,
                                       ffn_layer, ffn_neuron_axis, ffn_width, is_ffn_param, neuron_mask,
                                       sample_helpers, slice_ffn_state_dict)
 

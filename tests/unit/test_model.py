@@ -9,8 +9,8 @@ import torch
 
 from hetero_testnet.config import ModelConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.matformer import NeuronSet, build_neuron_set, ffn_width, slice_ffn_state_dict
-from hetero_testnet.model import NanoGPT, RMSNorm, apply_rope, build_model, count_parameters, rope_cache
+from hetero_testnet.model.matformer import NeuronSet, build_neuron_set, ffn_width, slice_ffn_state_dict
+from hetero_testnet.model.nanogpt import NanoGPT, RMSNorm, apply_rope, build_model, count_parameters, rope_cache
 
 
 def _tokens(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch
 
 from hetero_testnet.config import LRScheduleConfig, OptimizerConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.matformer import NeuronSet, build_update_masks
-from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW, clip_coefficient, grad_sq_sum, lr_at
+from hetero_testnet.model.matformer import NeuronSet, build_update_masks
+from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, grad_sq_sum, lr_at
 
 OPT = OptimizerConfig(betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from hetero_testnet import protocol as P
+from hetero_testnet.run import protocol as P
 from hetero_testnet.errors import ProtocolError
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hetero_testnet.experiment_spec import build_derived_config, config_fingerprint, load_experiment
-from hetero_testnet.experiments import write_manifest
-from hetero_testnet.report import build_report, load_run
-from hetero_testnet.report_export import csv_columns, write_report
-from hetero_testnet.stats import paired, significance_word, welch
+from hetero_testnet.experiments.spec import build_derived_config, config_fingerprint, load_experiment
+from hetero_testnet.experiments.runner import write_manifest
+from hetero_testnet.experiments.report import build_report, load_run
+from hetero_testnet.experiments.export import csv_columns, write_report
+from hetero_testnet.experiments.stats import paired, significance_word, welch
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from hetero_testnet.run_schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
+from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
 
 
 @dataclass

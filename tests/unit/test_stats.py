@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from hetero_testnet.stats import holm, mean_ci, paired, welch
+from hetero_testnet.experiments.stats import holm, mean_ci, paired, welch
 
 
 def test_mean_ci_against_hand_values():

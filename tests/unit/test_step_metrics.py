@@ -2,9 +2,9 @@ import asyncio
 
 import pytest
 
-from hetero_testnet import protocol as P
+from hetero_testnet.run import protocol as P
 from hetero_testnet.errors import ProtocolError
-from hetero_testnet.step_metrics import loss_by_tier, witness_line, witness_metrics
+from hetero_testnet.run.step_metrics import loss_by_tier, witness_line, witness_metrics
 
 
 def reduced(loss, tokens=1024, compute=1.5, exchange=0.5, **kw):

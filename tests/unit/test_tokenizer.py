@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from hetero_testnet import tokenizer
+from hetero_testnet.data import tokenizer
 from hetero_testnet.errors import DataError
 
 TEXTS = [

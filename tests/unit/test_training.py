@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hetero_testnet.checkpoint import load_checkpoint
-from hetero_testnet.matformer import NeuronSet, is_ffn_param
-from hetero_testnet.model import build_model
-from hetero_testnet.training import evaluate, forward_backward, train_single
+from hetero_testnet.model.checkpoint import load_checkpoint
+from hetero_testnet.model.matformer import NeuronSet, is_ffn_param
+from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.train import evaluate, forward_backward, train_single
 
 
 class SyntheticSamples:

@@ -22,9 +22,9 @@ from rich.console import Console
 
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import read_events
-from hetero_testnet.tui import (View, draw_loss_chart, print_after_close, render_text, run_with_dashboard,
+from hetero_testnet.tui.live import (View, draw_loss_chart, print_after_close, render_text, run_with_dashboard,
                                 tier_color)
-from hetero_testnet.tui_snapshot import ERROR, WARN, RunSnapshot, apply_event, build_snapshot
+from hetero_testnet.tui.snapshot import ERROR, WARN, RunSnapshot, apply_event, build_snapshot
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "events-sample.jsonl"
 BRAILLE = re.compile("[\u2801-\u28ff]")
@@ -395,8 +395,7 @@ def test_a_launcher_error_is_raised_after_the_screen_closed(tmp_path):
 def _watch_app():
     import typer
 
-    from hetero_testnet import cli_watch
-
+    from hetero_testnet.cli import watch as cli_watch
     app = typer.Typer()
     cli_watch.register(app)
     app.callback()(lambda: None)
@@ -435,7 +434,7 @@ def test_a_notice_comes_first_in_the_footer():
 
 
 def test_a_failing_screen_still_stops_the_run_cleanly(tmp_path, monkeypatch):
-    import hetero_testnet.tui as tui
+    import hetero_testnet.tui.live as tui
 
     FakeLauncher.instances.clear()
     calls = {"n": 0}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hetero_testnet.coordinator import Coordinator
+    from hetero_testnet.run.coordinator import Coordinator
 
 
 def build_summary(c: "Coordinator", status: str, reason: str) -> dict[str, Any]:

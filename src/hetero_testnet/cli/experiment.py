@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
 from rich.table import Table
 
 from hetero_testnet.errors import ConfigError, RunFailedError
-from hetero_testnet.experiments import RunnerObserver
+from hetero_testnet.experiments.runner import RunnerObserver
 
 experiment_app = typer.Typer(
     name="experiment",
@@ -105,8 +105,8 @@ def run(
     run starts afresh. A failed run is recorded in runs.jsonl and the matrix goes on; the command
     exits 1 if any run did not finish (rerun it to retry those).
     """
-    from hetero_testnet.experiment_spec import load_experiment
-    from hetero_testnet.experiments import ExperimentRunner
+    from hetero_testnet.experiments.spec import load_experiment
+    from hetero_testnet.experiments.runner import ExperimentRunner
 
     console = Console(highlight=False)
     spec = load_experiment(file)
@@ -144,8 +144,8 @@ def report_cmd(
                                                     "first).")] = None,
 ) -> None:
     """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff)."""
-    from hetero_testnet.report import build_report
-    from hetero_testnet.report_export import write_report
+    from hetero_testnet.experiments.report import build_report
+    from hetero_testnet.experiments.export import write_report
 
     if last_k is not None and last_k < 1:
         raise ConfigError(f"--last-k must be >= 1 (got {last_k})")
@@ -181,7 +181,7 @@ def _render_plan(console: Console, runner, actions) -> None:
 
 
 def _render_headline(console: Console, rep) -> None:
-    from hetero_testnet.report_render import fmt, fmt_ci, fmt_p
+    from hetero_testnet.experiments.render import fmt, fmt_ci, fmt_p
 
     table = Table(title=f"{rep.experiment.get('name', '')}: final validation loss, full model "
                         f"(mean ± 95% CI over seeds)")
@@ -197,8 +197,8 @@ def _render_headline(console: Console, rep) -> None:
 
 
 def _report_after_run(console: Console, experiment_dir: Path) -> None:
-    from hetero_testnet.report import build_report
-    from hetero_testnet.report_export import write_report
+    from hetero_testnet.experiments.report import build_report
+    from hetero_testnet.experiments.export import write_report
 
     try:
         rep = build_report(experiment_dir)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from hetero_testnet.config import ModelConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.matformer import NeuronSet
+from hetero_testnet.model.matformer import NeuronSet
 
 LOSS_CHUNK_TOKENS = 1024
 """Tokens per chunk of the fused head + cross-entropy (0 = unchunked). A (1024, 50257) fp32 logits

@@ -18,9 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from hetero_testnet.config import DEFAULT_CONFIG
 from hetero_testnet.errors import ConfigError
-
-DEFAULT_CONFIG = Path("configs/nanogpt-20m-run")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Run config: a directory with config.yaml "
                                             "(or a Psyche state.toml), or the file itself.")]
@@ -66,7 +65,7 @@ def init(
         = Path("checkpoints/init"),
 ) -> None:
     """Write the initial checkpoint (model.safetensors, config.json, state.json) for a config and seed."""
-    from hetero_testnet.checkpoint import write_initial_checkpoint
+    from hetero_testnet.model.checkpoint import write_initial_checkpoint
 
     cfg = _load_config(config, seed)
     path, params = write_initial_checkpoint(cfg, cfg.seed, out)
@@ -92,8 +91,8 @@ def train(
     Prints one `step=... loss=... lr=... tok/s=...` line per step, and the validation loss
     at the start and at the end.
     """
-    from hetero_testnet.matformer import ffn_width, sample_helpers
-    from hetero_testnet.training import train_single
+    from hetero_testnet.model.matformer import ffn_width, sample_helpers
+    from hetero_testnet.model.train import train_single
 
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {steps})")
@@ -135,10 +134,10 @@ def eval_(
     threads: ThreadsOption = None,
 ) -> None:
     """Print the validation loss (`val_loss=`) of a checkpoint at a tier."""
-    from hetero_testnet.checkpoint import load_checkpoint
-    from hetero_testnet.data import open_split
-    from hetero_testnet.matformer import NeuronSet, ffn_width
-    from hetero_testnet.training import evaluate
+    from hetero_testnet.model.checkpoint import load_checkpoint
+    from hetero_testnet.data.shards import open_split
+    from hetero_testnet.model.matformer import NeuronSet, ffn_width
+    from hetero_testnet.model.train import evaluate
 
     _set_threads(threads)
     ckpt = load_checkpoint(checkpoint)

@@ -18,11 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
+from hetero_testnet.config import DEFAULT_CONFIG, DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
-
-DEFAULT_CONFIG = Path("configs/nanogpt-20m-run")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------- parsing helpers
@@ -100,8 +97,6 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def load_config_with_overrides(config_path: Path, *, seed: int | None, total_steps: int | None) -> RunConfig:
-    if config_path == DEFAULT_CONFIG and not config_path.exists():
-        config_path = REPO_ROOT / DEFAULT_CONFIG  # run from outside the checkout
     cfg = load_run_config(config_path)
     if seed is not None:
         cfg = cfg.replace(seed=seed)
@@ -175,7 +170,7 @@ def _fmt_duration(seconds: float) -> str:
 
 def _check_data(cfg: RunConfig) -> None:
     """Open both splits once before spawning anything, so bad data is a one-line error up front."""
-    from hetero_testnet.data import open_split
+    from hetero_testnet.data.shards import open_split
 
     for split in ("train", "val"):
         open_split(cfg.data, split, cfg.model.max_seq_len, cfg.model.vocab_size)
@@ -251,8 +246,8 @@ def start(
                                                          "to each client's exchange (0 = none).")] = 0.0,
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
-    from hetero_testnet.launcher import ClientSpec, FaultPlan, LaunchPlan, Launcher
-    from hetero_testnet.matformer import ffn_width
+    from hetero_testnet.run.launcher import ClientSpec, FaultPlan, LaunchPlan, Launcher
+    from hetero_testnet.model.matformer import ffn_width
 
     if num_clients < 1:
         raise ConfigError(f"--num-clients must be >= 1 (got {num_clients})")
@@ -271,7 +266,7 @@ def start(
     run_dir: Path
     resume_ckpt = None
     if resume is not None:
-        from hetero_testnet.checkpoint import latest_checkpoint
+        from hetero_testnet.model.checkpoint import latest_checkpoint
 
         run_dir = resume
         if not (resume / "config.yaml").is_file():
@@ -328,7 +323,7 @@ def start(
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
     use_tui = (tui if tui is not None else sys.stdout.isatty()) and not headless
     if use_tui:
-        from hetero_testnet.tui import run_with_dashboard
+        from hetero_testnet.tui.live import run_with_dashboard
 
         code = run_with_dashboard(Launcher, plan)
     else:
@@ -368,7 +363,7 @@ def coordinator(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the coordinator (control plane) of one run."""
-    from hetero_testnet.coordinator import CoordinatorOptions, run_coordinator
+    from hetero_testnet.run.coordinator import CoordinatorOptions, run_coordinator
     from hetero_testnet.events import setup_logging
 
     cfg = load_config_with_overrides(config_path, seed=seed, total_steps=total_steps)
@@ -377,7 +372,7 @@ def coordinator(
     latency, jitter = parse_latency(fault_latency_ms)
     start_step, data_index = 0, 0
     if resume_checkpoint is not None:
-        from hetero_testnet.checkpoint import load_checkpoint_meta
+        from hetero_testnet.model.checkpoint import load_checkpoint_meta
 
         meta = load_checkpoint_meta(resume_checkpoint)
         if not all(isinstance(meta.get(k), int) for k in ("step", "data_index")):
@@ -414,7 +409,7 @@ def client(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run one client: join a coordinator and train at a MatFormer tier."""
-    from hetero_testnet.client import ClientOptions, run_client
+    from hetero_testnet.run.client import ClientOptions, run_client
     from hetero_testnet.events import setup_logging
 
     host, port = parse_address(coordinator_address)

@@ -29,7 +29,6 @@ def _print_version(value: bool) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         from hetero_testnet import __version__
-
         try:
             torch_version = version("torch")
         except PackageNotFoundError:
@@ -46,8 +45,11 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 def _register_subcommands() -> None:
     """Each command group lives in its own module; imported here so `--help` lists them all."""
-    from hetero_testnet import cli_data, cli_experiment, cli_run, cli_single, cli_watch
-
+    from hetero_testnet.cli import data as cli_data
+    from hetero_testnet.cli import experiment as cli_experiment
+    from hetero_testnet.cli import run as cli_run
+    from hetero_testnet.cli import single as cli_single
+    from hetero_testnet.cli import watch as cli_watch
     cli_run.register(app)
     cli_watch.register(app)
     cli_single.register(app)

@@ -33,16 +33,16 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hetero_testnet import protocol as P
-from hetero_testnet.assignment import assign_samples
+from hetero_testnet.run import protocol as P
+from hetero_testnet.run.assignment import assign_samples
 from hetero_testnet.config import RunConfig
 from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError, RunAborted
 from hetero_testnet.events import EventWriter
-from hetero_testnet.membership import Member, Membership
-from hetero_testnet.optim import lr_at
-from hetero_testnet.run_schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
-from hetero_testnet.run_summary import build_summary, write_json_atomic
-from hetero_testnet.step_metrics import loss_by_tier, witness_line, witness_metrics
+from hetero_testnet.run.membership import Member, Membership
+from hetero_testnet.model.optim import lr_at
+from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
+from hetero_testnet.run.summary import build_summary, write_json_atomic
+from hetero_testnet.run.step_metrics import loss_by_tier, witness_line, witness_metrics
 
 log = logging.getLogger("hetero_testnet")
 

@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hetero_testnet import data, data_prepare, tokenizer
+from hetero_testnet.data import shards as data
+from hetero_testnet.data import prepare as data_prepare
+from hetero_testnet.data import tokenizer
 from hetero_testnet.errors import DataError
 
 data_app = typer.Typer(

@@ -33,10 +33,10 @@ from typing import Any
 import psutil
 
 from hetero_testnet.config import RunConfig, dump_yaml
-from hetero_testnet.coordinator import READY_FILE, SUMMARY_FILE
+from hetero_testnet.run.coordinator import READY_FILE, SUMMARY_FILE
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import EventTail, EventWriter
-from hetero_testnet.run_summary import write_json_atomic
+from hetero_testnet.run.summary import write_json_atomic
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
 TOKEN_FILE = ".token"

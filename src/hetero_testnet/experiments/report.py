@@ -50,8 +50,8 @@ import yaml
 
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import EVENTS_FILE, read_events
-from hetero_testnet.experiments import MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE, SUMMARY_FILE
-from hetero_testnet.stats import Comparison, MeanCI, holm, json_number, mean_ci, paired, welch
+from hetero_testnet.experiments.runner import MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE, SUMMARY_FILE
+from hetero_testnet.experiments.stats import Comparison, MeanCI, holm, json_number, mean_ci, paired, welch
 
 DEFAULT_LAST_K = 8
 DEFAULT_GRAD_NORM_THRESHOLD = 10.0

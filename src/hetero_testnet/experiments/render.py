@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hetero_testnet.experiment_spec import run_name
-from hetero_testnet.report import DIFF_METRICS, ConfigResult, Report
-from hetero_testnet.stats import ALPHA, Comparison, MeanCI, mean_ci, significance_word
+from hetero_testnet.experiments.spec import run_name
+from hetero_testnet.experiments.report import DIFF_METRICS, ConfigResult, Report
+from hetero_testnet.experiments.stats import ALPHA, Comparison, MeanCI, mean_ci, significance_word
 
 NA = "—"
 

@@ -22,12 +22,12 @@ from typing import Any, Protocol
 
 import torch
 
-from hetero_testnet.checkpoint import save_checkpoint
+from hetero_testnet.model.checkpoint import save_checkpoint
 from hetero_testnet.config import RunConfig
 from hetero_testnet.errors import RunFailedError
-from hetero_testnet.matformer import NeuronSet, build_neuron_set, build_update_masks, ffn_width
-from hetero_testnet.model import NanoGPT, build_model, count_parameters
-from hetero_testnet.optim import MaskedAdamW, clip_coefficient, grad_sq_sum, lr_at
+from hetero_testnet.model.matformer import NeuronSet, build_neuron_set, build_update_masks, ffn_width
+from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, grad_sq_sum, lr_at
 
 
 class Samples(Protocol):
@@ -121,7 +121,7 @@ def train_single(config: RunConfig, tier: int, helper_fraction: float, rotation_
     m = config.model
     width = ffn_width(m.intermediate_size, tier)
     if train_data is None or val_data is None:
-        from hetero_testnet.data import open_split
+        from hetero_testnet.data.shards import open_split
 
         if train_data is None:
             train_data = open_split(config.data, "train", m.max_seq_len, m.vocab_size)

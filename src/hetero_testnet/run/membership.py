@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero_testnet import protocol as P
+from hetero_testnet.run import protocol as P
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import EventWriter
-from hetero_testnet.matformer import ffn_width
+from hetero_testnet.model.matformer import ffn_width
 
 log = logging.getLogger("hetero_testnet")
 

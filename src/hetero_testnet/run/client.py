@@ -35,19 +35,19 @@ from typing import Any
 import psutil
 import torch
 
-from hetero_testnet import protocol as P
-from hetero_testnet.aggregation import (BufferLayout, apply_average, grad_views, layout_for_model,
+from hetero_testnet.run import protocol as P
+from hetero_testnet.exchange.aggregation import (BufferLayout, apply_average, grad_views, layout_for_model,
                                         pack_contribution, shard_bounds, sum_of_squares)
-from hetero_testnet.checkpoint import load_checkpoint, save_checkpoint
+from hetero_testnet.model.checkpoint import load_checkpoint, save_checkpoint
 from hetero_testnet.config import RunConfig, parse_run_config
-from hetero_testnet.data import open_split
+from hetero_testnet.data.shards import open_split
 from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
 from hetero_testnet.events import format_kv
-from hetero_testnet.exchange import GradientExchange
-from hetero_testnet.matformer import build_neuron_set, ffn_width, neuron_mask
-from hetero_testnet.model import build_model
-from hetero_testnet.optim import MaskedAdamW, clip_coefficient
-from hetero_testnet.training import evaluate, forward_backward
+from hetero_testnet.exchange.group import GradientExchange
+from hetero_testnet.model.matformer import build_neuron_set, ffn_width, neuron_mask
+from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient
+from hetero_testnet.model.train import evaluate, forward_backward
 
 log = logging.getLogger("hetero_testnet")
 HEARTBEAT_INTERVAL_S = 1.0

@@ -33,7 +33,7 @@ def watch(
                       ] = 0,
 ) -> None:
     """Show the dashboard of a running or finished run, read-only (q closes the viewer, not the run)."""
-    from hetero_testnet.tui import render_once, watch_run
+    from hetero_testnet.tui.live import render_once, watch_run
 
     if not (run_dir / EVENTS_FILE).is_file():
         what = "does not exist" if not run_dir.exists() else f"has no {EVENTS_FILE}"

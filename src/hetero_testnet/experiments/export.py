@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hetero_testnet.report import DIFF_METRICS, Report
-from hetero_testnet.stats import ALPHA, json_number, significance_word
+from hetero_testnet.experiments.report import DIFF_METRICS, Report
+from hetero_testnet.experiments.stats import ALPHA, json_number, significance_word
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
     """results.md, results.csv, results.json, val_loss.png, train_loss.png, val_loss_diff.png into out_dir."""
-    from hetero_testnet.report_render import render_markdown, write_plots
+    from hetero_testnet.experiments.render import render_markdown, write_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.csv", out_dir / "results.json"]

@@ -38,7 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hetero_testnet.events import EVENTS_FILE, EventTail
-from hetero_testnet.tui_snapshot import ERROR, INFO, JOIN, WARN, FeedItem, RunSnapshot, apply_event
+from hetero_testnet.tui.snapshot import ERROR, INFO, JOIN, WARN, FeedItem, RunSnapshot, apply_event
 
 REFRESH_PER_SECOND = 8      # Live's own refresh rate (fixed, so the screen never flickers)
 LOOP_TICK_S = 0.1           # main loop: drain events, read keys, hand Live a new frame
@@ -533,7 +533,7 @@ def watch_run(run_dir: Path, *, console: Console | None = None) -> int:
 def render_once(run_dir: Path, *, width: int, height: int, now: float | None = None) -> str:
     """The current frame of a run directory as plain text (`testnet watch --once`)."""
     from hetero_testnet.events import read_events
-    from hetero_testnet.tui_snapshot import build_snapshot
+    from hetero_testnet.tui.snapshot import build_snapshot
 
     snap = build_snapshot(read_events(run_dir / EVENTS_FILE), name=run_dir.name)
     return render_text(snap, now=time.time() if now is None else now,

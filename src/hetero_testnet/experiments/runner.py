@@ -51,7 +51,7 @@ from typing import Any
 from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import EVENTS_FILE, EventTail
-from hetero_testnet.experiment_spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
+from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
                                             config_fingerprint, expand, run_identity)
 
 MANIFEST_FILE = "experiment.json"

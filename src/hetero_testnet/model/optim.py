@@ -22,7 +22,7 @@ import torch
 
 from hetero_testnet.config import LRScheduleConfig, OptimizerConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.matformer import ffn_neuron_axis, is_ffn_param
+from hetero_testnet.model.matformer import ffn_neuron_axis, is_ffn_param
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 

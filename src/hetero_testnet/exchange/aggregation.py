@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero_testnet.matformer import ffn_layer, ffn_neuron_axis, is_ffn_param
+from hetero_testnet.model.matformer import ffn_layer, ffn_neuron_axis, is_ffn_param
 
 
 @dataclass(frozen=True)

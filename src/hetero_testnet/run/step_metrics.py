@@ -10,9 +10,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from hetero_testnet import protocol as P
-
-
+from hetero_testnet.run import protocol as P
 def tokens_per_sec(r: P.Reduced) -> float:
     """The client's own rate: its tokens over its compute and exchange time (0 when unmeasured)."""
     step_time = r.compute_time_s + r.exchange_time_s

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from hetero_testnet.config import ModelConfig, RunConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.model import NanoGPT, build_model, count_parameters
-from hetero_testnet.optim import MaskedAdamW
+from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters
+from hetero_testnet.model.optim import MaskedAdamW
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

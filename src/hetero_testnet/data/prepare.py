@@ -46,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero_testnet import data, tokenizer
+from hetero_testnet.data import shards as data
+from hetero_testnet.data import tokenizer
 from hetero_testnet.errors import DataError
 
 ProgressFn = Callable[[str, int, int], None]
