@@ -18,11 +18,66 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
 
-EVENTS_FILE = "events.jsonl"
 LOGGER_NAME = "hetero_testnet"
+
+
+class RunState(StrEnum):
+    """The run's states: the reference's six in order, plus the ones around them.
+
+    The coordinator moves through them (`state` events carry `old`/`new`); the launcher, membership
+    and the dashboard compare against these members, never against string literals.
+    """
+
+    UNINITIALIZED = "Uninitialized"
+    """Before the coordinator has started waiting (the dashboard shows it until the first event)."""
+    LAUNCHING = "Launching"
+    """The dashboard's state while the launcher spawns processes (never sent by the coordinator)."""
+    WAITING_FOR_MEMBERS = "WaitingForMembers"
+    WARMUP = "Warmup"
+    ROUND_TRAIN = "RoundTrain"
+    ROUND_WITNESS = "RoundWitness"
+    COOLDOWN = "Cooldown"
+    FINISHED = "Finished"
+    PAUSED = "Paused"
+    """Held at a step boundary (SIGUSR1 / the dashboard's p key)."""
+
+    @property
+    def is_ending(self) -> bool:
+        """Cooldown or Finished: no more joins, kills or restarts."""
+        return self in (RunState.COOLDOWN, RunState.FINISHED)
+
+
+class Event(StrEnum):
+    """Every event name in `events.jsonl` (schema: docs/events.md). Emitters and all readers (the
+    dashboard, headless progress, the launcher, the experiment runner and reports) use these."""
+
+    LAUNCH = "launch"
+    PROCESS_STARTED = "process_started"
+    RUN_STARTED = "run_started"
+    STATE = "state"
+    CLIENT_JOINED = "client_joined"
+    CLIENT_REJECTED = "client_rejected"
+    CLIENT_LOST = "client_lost"
+    CLIENT_RESTARTED = "client_restarted"
+    FAULT_KILL = "fault_kill"
+    GENERATION = "generation"
+    GENERATION_FAILED = "generation_failed"
+    CLIENT_REDUCED = "client_reduced"
+    CLIENT_STEP = "client_step"
+    STEP_COMMITTED = "step_committed"
+    STEP_DISCARDED = "step_discarded"
+    REPLICA_MISMATCH = "replica_mismatch"
+    EPOCH = "epoch"
+    EVAL = "eval"
+    CHECKPOINT_SAVED = "checkpoint_saved"
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROTOCOL_ERROR = "protocol_error"
+    RUN_FINISHED = "run_finished"
 
 
 def format_kv(event: str, fields: dict[str, Any]) -> str:
@@ -97,7 +152,7 @@ class EventWriter:
             "event": event,
         }
         record.update(fields)
-        if self._fd is not None:
+        if self._fd is not None:  # one write per line on an O_APPEND descriptor (see rundir.append_jsonl)
             line = json.dumps(record, separators=(",", ":"), default=str, allow_nan=True) + "\n"
             os.write(self._fd, line.encode("utf-8"))
         if log:
@@ -118,11 +173,19 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 class EventTail:
-    """Follows an events file: each `poll()` yields the events appended since the last one."""
+    """Follows an events file: each `poll()` yields the events appended since the last one.
 
-    def __init__(self, path: Path) -> None:
+    With `from_end=True` it starts at the file's current end (only events written from now on).
+    """
+
+    def __init__(self, path: Path, *, from_end: bool = False) -> None:
         self.path = path
         self._offset = 0
+        if from_end:
+            try:
+                self._offset = path.stat().st_size
+            except FileNotFoundError:
+                pass
         self._partial = b""
 
     def poll(self) -> Iterator[dict[str, Any]]:

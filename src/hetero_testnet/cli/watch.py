@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.events import EVENTS_FILE
+from hetero_testnet.rundir import RunDir
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +35,8 @@ def watch(
     """Show the dashboard of a running or finished run, read-only (q closes the viewer, not the run)."""
     from hetero_testnet.tui.live import render_once, watch_run
 
-    if not (run_dir / EVENTS_FILE).is_file():
-        what = "does not exist" if not run_dir.exists() else f"has no {EVENTS_FILE}"
+    if not RunDir(run_dir).events.is_file():
+        what = "does not exist" if not run_dir.exists() else "has no events.jsonl"
         raise ConfigError(f"{run_dir} {what}: not a run directory, or its run has not started yet",
                           hint="pass the directory `testnet start` printed, e.g. logs/<name>")
     if width < 0 or height < 0:

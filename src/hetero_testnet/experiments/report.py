@@ -49,7 +49,8 @@ from typing import Any
 import yaml
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.events import EVENTS_FILE, read_events
+from hetero_testnet.rundir import RunDir
+from hetero_testnet.events import read_events
 from hetero_testnet.experiments.runner import MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE, SUMMARY_FILE
 from hetero_testnet.experiments.stats import Comparison, MeanCI, holm, json_number, mean_ci, paired, welch
 
@@ -143,7 +144,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_LAST_K, grad_norm_threshold
              meta: dict[str, Any] | None = None) -> RunResult:
     """Read one run directory. `meta` (from experiment.json) supplies label/seed/tiers/sync; otherwise
     they come from the `launch` event, experiment-run.json or the run's config.yaml."""
-    events = read_events(run_dir / EVENTS_FILE) if (run_dir / EVENTS_FILE).exists() else []
+    events = read_events(RunDir(run_dir).events) if RunDir(run_dir).events.exists() else []
     summary = _read_json(run_dir / SUMMARY_FILE) or {}
     meta = dict(meta or _read_json(run_dir / RUN_SPEC_FILE) or {})
     launch = next((e for e in events if e.get("event") == "launch"), {})
@@ -369,7 +370,7 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
     planned = {r["name"]: r for r in manifest.get("runs", [])}
     dirs = sorted(p for p in experiment_dir.iterdir()
                   if p.is_dir() and not _FAILED_DIR.search(p.name)
-                  and ((p / EVENTS_FILE).exists() or (p / SUMMARY_FILE).exists()))
+                  and (RunDir(p).events.exists() or (p / SUMMARY_FILE).exists()))
     runs = [load_run(d, last_k=last_k, grad_norm_threshold=threshold, meta=planned.get(d.name)) for d in dirs]
     if not runs:
         raise ConfigError(f"no runs in {experiment_dir} (no subdirectory with events.jsonl or summary.json)")

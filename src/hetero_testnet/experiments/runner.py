@@ -50,7 +50,8 @@ from typing import Any
 
 from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
-from hetero_testnet.events import EVENTS_FILE, EventTail
+from hetero_testnet.rundir import RunDir
+from hetero_testnet.events import EventTail
 from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
                                             config_fingerprint, expand, run_identity)
 
@@ -279,7 +280,7 @@ class ExperimentRunner:
 
     def _wait(self, proc: subprocess.Popen, run: PlannedRun, run_dir: Path, t0: float) -> tuple[int, str | None]:
         """Wait for the run, reporting committed steps; escalate past the timeout plus grace."""
-        tail = EventTail(run_dir / EVENTS_FILE)
+        tail = EventTail(RunDir(run_dir).events)
         steps = 0
         deadline = t0 + self.spec.run_timeout_s + self.grace_s
         while True:

@@ -37,7 +37,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from hetero_testnet.events import EVENTS_FILE, EventTail
+from hetero_testnet.events import EventTail
+from hetero_testnet.rundir import RunDir
 from hetero_testnet.tui.snapshot import ERROR, INFO, JOIN, WARN, FeedItem, RunSnapshot, apply_event
 
 REFRESH_PER_SECOND = 8      # Live's own refresh rate (fixed, so the screen never flickers)
@@ -312,7 +313,7 @@ def print_after_close(snap: RunSnapshot, *, logs_dir: str, out: Console, err: Co
     if snap.problems:
         shown = snap.problems[-limit:]
         more = len(snap.problems) - len(shown)
-        err.print(f"warnings and errors (all in {logs_dir}/{EVENTS_FILE})"
+        err.print(f"warnings and errors (all in {logs_dir}/events.jsonl)"
                   + (f", last {len(shown)} of {len(snap.problems)}:" if more else ":"), highlight=False)
         for line in feed_lines(shown, snap.start_ts, len(shown)):
             err.print(Text("  ") + line, highlight=False, soft_wrap=True)
@@ -514,9 +515,9 @@ def _drain(inbox: queue.Queue[dict[str, Any]], snap: RunSnapshot) -> None:
 def watch_run(run_dir: Path, *, console: Console | None = None) -> int:
     """Follow `run_dir/events.jsonl` read-only until q (or Ctrl-C); returns 0. The run is never touched."""
     console = console or terminal_console()
-    tail = EventTail(run_dir / EVENTS_FILE)
+    tail = EventTail(RunDir(run_dir).events)
     snap = RunSnapshot(name=run_dir.name)
-    view = View(mode="watch", logs_dir=str(run_dir / EVENTS_FILE))
+    view = View(mode="watch", logs_dir=str(RunDir(run_dir).events))
     signals: list[str] = []
     with _signals_as_flags(signals), _Keys() as keys, _live(console) as live:
         while True:
@@ -535,6 +536,6 @@ def render_once(run_dir: Path, *, width: int, height: int, now: float | None = N
     from hetero_testnet.events import read_events
     from hetero_testnet.tui.snapshot import build_snapshot
 
-    snap = build_snapshot(read_events(run_dir / EVENTS_FILE), name=run_dir.name)
+    snap = build_snapshot(read_events(RunDir(run_dir).events), name=run_dir.name)
     return render_text(snap, now=time.time() if now is None else now,
-                       view=View(mode="watch", logs_dir=str(run_dir / EVENTS_FILE)), width=width, height=height)
+                       view=View(mode="watch", logs_dir=str(RunDir(run_dir).events)), width=width, height=height)
