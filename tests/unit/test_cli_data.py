@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from hetero_testnet.data import shards as data
 from hetero_testnet.data import prepare as data_prepare
+from hetero_testnet.data import sources as data_sources
 from hetero_testnet.cli.data import data_app
 from hetero_testnet.errors import DataError
 
@@ -131,25 +132,25 @@ def test_read_r_strings() -> None:
 
     blob = (b"X\n" + struct.pack(">iii", 3, 0x40201, 0x30500) + struct.pack(">i", 5) + b"UTF-8"
             + struct.pack(">ii", 16, 3) + charsxp(b"EMMA") + charsxp(None) + charsxp("café".encode()))
-    assert data_prepare._read_r_strings(blob) == ["EMMA", "", "café"]
+    assert data_sources._read_r_strings(blob) == ["EMMA", "", "café"]
     with pytest.raises(DataError):
-        data_prepare._read_r_strings(b"A\n" + blob[2:])
+        data_sources._read_r_strings(b"A\n" + blob[2:])
 
 
 def test_dictd_numbers() -> None:
-    assert data_prepare._dictd_number("A") == 0
-    assert data_prepare._dictd_number("b") == 27
-    assert data_prepare._dictd_number("BA") == 64
+    assert data_sources._dictd_number("A") == 0
+    assert data_sources._dictd_number("b") == 27
+    assert data_sources._dictd_number("BA") == 64
 
 
 def test_failed_fetch_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not installed") as info:
-        data_prepare._run_client(["no-such-registry-client-xyz", "pack"], tmp_path, "demo")
+        data_sources._run_client(["no-such-registry-client-xyz", "pack"], tmp_path, "demo")
     assert "--sources" in str(info.value)
     failing = [sys.executable, "-c",
                "import sys; print('Reading package lists...'); "
                "print('E: Unable to locate package nope', file=sys.stderr); sys.exit(100)"]
     with pytest.raises(DataError) as info:
-        data_prepare._run_client(failing, tmp_path, "demo")
+        data_sources._run_client(failing, tmp_path, "demo")
     message = str(info.value)
     assert "'demo'" in message and "E: Unable to locate package nope" in message and "\n" not in message

