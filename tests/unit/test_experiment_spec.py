@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.experiments.spec import build_derived_config, expand, load_experiment
+from hetero_testnet.experiments.spec import (DEFAULT_REPORT, build_derived_config, expand, load_experiment,
+                                            load_report_notes)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny"
@@ -56,6 +57,7 @@ def test_a_good_file_expands_to_every_configuration_and_seed(tmp_path):
     (("max_round_train_time: 30", "round_timeout: 30"), "deadlines"),
     (("name: demo", "name: a/b"), "name 'a/b' must be letters"),
     (("report: {last_k: 2", "report: {last_k: 0"), "report.last_k must be >= 1"),
+    (("report: {last_k: 2", "report: {notes: [1, 2], last_k: 2"), "notes must be a list of non-empty strings"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, change, needle):
     old, new = change
@@ -84,3 +86,21 @@ def test_only_that_matches_nothing_is_an_error(tmp_path):
 def test_the_committed_experiment_files_load():
     for path in sorted((ROOT / "configs" / "experiments").glob("*.yaml")):
         assert expand(load_experiment(path)), path
+
+
+def test_report_notes_are_statements_and_defaults_are_the_reports(tmp_path):
+    text = GOOD.replace("report: {last_k: 2, baseline: a}", """report:
+  baseline: a
+  notes:
+    - >-
+      The published number was
+      a single run.
+    - "  Second.  "
+""")
+    spec = load_experiment(_write(tmp_path, text))
+    assert spec.report.notes == ("The published number was a single run.", "Second.")
+    assert (spec.report.last_k, spec.report.grad_norm_threshold) == (DEFAULT_REPORT.last_k,
+                                                                     DEFAULT_REPORT.grad_norm_threshold)
+    assert load_report_notes(tmp_path / "exp.yaml") == spec.report.notes
+    assert load_report_notes(tmp_path / "missing.yaml") == ()
+    assert load_experiment(_write(tmp_path, GOOD)).report.notes == ()

@@ -12,7 +12,8 @@ import pytest
 
 from hetero_testnet.experiments.spec import build_derived_config, config_fingerprint, load_experiment
 from hetero_testnet.experiments.runner import write_manifest
-from hetero_testnet.experiments.report import build_report, load_run
+from hetero_testnet.experiments.report import build_report
+from hetero_testnet.experiments.run_result import load_run
 from hetero_testnet.experiments.export import csv_columns, write_report
 from hetero_testnet.experiments.stats import paired, significance_word, welch
 
@@ -319,3 +320,31 @@ def test_report_rejects_unknown_baseline(experiment: Path):
 
     with pytest.raises(ConfigError, match="baseline"):
         build_report(experiment, baseline="nope")
+
+
+def test_experiment_notes_end_up_in_the_conclusions(tmp_path: Path):
+    """`report.notes` of the YAML: recorded in experiment.json; for an older experiment.json without
+    them, read from the recorded source file; none when that is gone too."""
+    yaml_path = tmp_path / "synth.yaml"
+    note = "The reference measured 8.10 on one run."
+    yaml_path.write_text(SMOKE_LIKE.format(base=ROOT / "configs" / "tiny").replace(
+        "baseline: 0-0}", f"baseline: 0-0, notes: ['{note}']}}"))
+    spec = load_experiment(yaml_path)
+    exp = tmp_path / "logs" / "synth"
+    exp.mkdir(parents=True)
+    cfg = build_derived_config(spec)
+    write_manifest(spec, exp, cfg, config_fingerprint(cfg))
+    for seed in (1, 2):
+        synth_run(exp / f"0-0-seed{seed}", tiers=[0, 0], seed=seed)
+        synth_run(exp / f"0-1-seed{seed}", tiers=[0, 1], seed=seed)
+    assert build_report(exp).notes == (note,)
+    write_report(build_report(exp), tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    conclusions = md[md.index("## What these numbers can and cannot tell"):md.index("## Columns of results.csv")]
+    assert f"- {note}\n" in conclusions
+    manifest = json.loads((exp / "experiment.json").read_text())
+    del manifest["report"]["notes"]                # written before notes were recorded
+    (exp / "experiment.json").write_text(json.dumps(manifest))
+    assert build_report(exp).notes == (note,)
+    yaml_path.unlink()
+    assert build_report(exp).notes == ()

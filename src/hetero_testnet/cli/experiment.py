@@ -181,7 +181,7 @@ def _render_plan(console: Console, runner, actions) -> None:
 
 
 def _render_headline(console: Console, rep) -> None:
-    from hetero_testnet.experiments.render import fmt, fmt_ci, fmt_p
+    from hetero_testnet.experiments.format import fmt, fmt_ci, fmt_p
 
     table = Table(title=f"{rep.experiment.get('name', '')}: final validation loss, full model "
                         f"(mean ± 95% CI over seeds)")

@@ -1,5 +1,5 @@
 """Writing an experiment `Report` (report.py) to files: `results.csv`, `results.json`, and, through
-report_render, `results.md` and the plots.
+render.py and plots.py, `results.md` and the plots.
 
 The CSV has one row per configuration with fixed columns (`csv_columns`), so spreadsheets and
 scripts can rely on them; the JSON has everything, per run too. Non-finite numbers never reach
@@ -21,7 +21,8 @@ from hetero_testnet.experiments.stats import ALPHA, json_number, significance_wo
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
     """results.md, results.csv, results.json, val_loss.png, train_loss.png, val_loss_diff.png into out_dir."""
-    from hetero_testnet.experiments.render import render_markdown, write_plots
+    from hetero_testnet.experiments.plots import write_plots
+    from hetero_testnet.experiments.render import render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.csv", out_dir / "results.json"]
@@ -96,7 +97,6 @@ def csv_rows(report: Report) -> tuple[list[str], list[list[Any]]]:
         row.update({k: _cell(v) for k, v in h.items()})
         rows.append([row.get(col, "") for col in header])
     return header, rows
-
 
 
 def to_json(report: Report) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Experiment files: the YAML matrix (configurations x seeds) as validated, frozen dataclasses.
 
-See `experiments.py` for how the runs are executed and resumed. Here: parsing with errors that
+See `runner.py` for how the runs are executed and resumed. Here: parsing with errors that
 name the field (`FILE: configurations[2]: tiers must ...`), expansion into named runs
 (`<label>-seed<seed>`), and the derived run config (steps, eval settings and deadlines changed,
 the LR schedule never).
@@ -27,9 +27,16 @@ DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "roun
                    "waiting_for_members_timeout")
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ReportSettings:
-    """How `testnet experiment report` summarises the runs (overridable on its command line)."""
+    """How `testnet experiment report` summarises the runs (all but `notes` can be overridden on its
+    command line). These defaults are also the report's for a directory without settings of its own
+    (`DEFAULT_REPORT`)."""
 
     last_k: int = 8
     """Final train loss = mean of each client's losses over the run's last K committed steps."""
@@ -37,10 +44,17 @@ class ReportSettings:
     """A step whose aggregated gradient norm (before clipping) exceeds this is an explosion."""
     baseline: str | None = None
     """Label differences are taken against; default: the first configuration."""
+    notes: tuple[str, ...] = ()
+    """Statements about this experiment the numbers cannot carry (e.g. how a published result was
+    measured), listed in the report's "What these numbers can and cannot tell" after the generic
+    ones; one Markdown paragraph each."""
 
     def __post_init__(self) -> None:
         _require(self.last_k >= 1, "report.last_k must be >= 1")
         _require(self.grad_norm_threshold > 0, "report.grad_norm_threshold must be > 0")
+
+
+DEFAULT_REPORT = ReportSettings()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,17 +128,8 @@ def run_name(label: str, seed: int) -> str:
 def load_experiment(path: str | Path) -> ExperimentSpec:
     """Parse and validate an experiment YAML file (format: module docstring and configs/experiments/)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read experiment file {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"malformed experiment file {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment file {path} must be a mapping at the top level")
-    top = dict(raw)
+    top = _read_mapping(path)
     where = str(path)
-
     name = _take(top, "name", str, where)
     _require(bool(DIRECTORY_NAME.match(name)), f"{where}: name {name!r} must be letters, digits, '.', '_', '+', '-'")
     description = _take(top, "description", str, where, "")
@@ -138,47 +143,94 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eval_tiers),
              f"{where}: eval_tiers must be integers >= 0")
     seeds = _seeds(_take(top, "seeds", list, where, [1]), f"{where}: seeds")
-    deadlines_raw = dict(_take(top, "deadlines", dict, where, {}) or {})
-    deadlines = {k: float(_take(deadlines_raw, k, (int, float), f"{where}: deadlines"))
-                 for k in DEADLINE_FIELDS if k in deadlines_raw}
-    _no_leftovers(deadlines_raw, f"{where}: deadlines (allowed: {', '.join(DEADLINE_FIELDS)})")
-    _require(all(v > 0 for v in deadlines.values()), f"{where}: deadlines must be > 0 seconds")
+    deadlines = _deadlines(top, where)
     run_timeout_s = float(_take(top, "run_timeout_s", (int, float), where, 3600.0))
     _require(run_timeout_s > 0, f"{where}: run_timeout_s must be > 0")
     threads = _take(top, "threads", int, where, None)
     _require(threads is None or threads >= 1, f"{where}: threads must be >= 1")
+    report = _report_settings(top, where)
+    configurations = _configurations(top, seeds, where)
+    _no_leftovers(top, where)
+    if report.baseline is not None and report.baseline not in [c.label for c in configurations]:
+        raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
+                          hint=f"labels: {', '.join(c.label for c in configurations)}")
+    spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
+                          base_config=base_config, steps=steps, eval_every=eval_every, eval_tiers=eval_tiers,
+                          deadlines=deadlines, seeds=seeds, run_timeout_s=run_timeout_s, threads=threads,
+                          report=report, configurations=configurations)
+    _check_tiers_fit(spec, where)
+    return spec
 
-    report_raw = dict(_take(top, "report", dict, where, {}) or {})
+
+def load_report_notes(path: Path) -> tuple[str, ...]:
+    """`report.notes` of an experiment file, the rest unchecked; () when there is no such file.
+
+    For reports on runs whose experiment.json was written before it recorded the notes."""
+    if not path.is_file():
+        return ()
+    report = dict(_take(_read_mapping(path), "report", dict, str(path), {}) or {})
+    return _notes(report, f"{path}: report")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read experiment file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed experiment file {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment file {path} must be a mapping at the top level")
+    return dict(raw)
+
+
+def _deadlines(top: dict, where: str) -> dict[str, float]:
+    raw = dict(_take(top, "deadlines", dict, where, {}) or {})
+    deadlines = {k: float(_take(raw, k, (int, float), f"{where}: deadlines")) for k in DEADLINE_FIELDS if k in raw}
+    _no_leftovers(raw, f"{where}: deadlines (allowed: {', '.join(DEADLINE_FIELDS)})")
+    _require(all(v > 0 for v in deadlines.values()), f"{where}: deadlines must be > 0 seconds")
+    return deadlines
+
+
+def _report_settings(top: dict, where: str) -> ReportSettings:
+    raw = dict(_take(top, "report", dict, where, {}) or {})
+    here = f"{where}: report"
     report = ReportSettings(
-        last_k=_take(report_raw, "last_k", int, f"{where}: report", 8),
-        grad_norm_threshold=float(_take(report_raw, "grad_norm_threshold", (int, float), f"{where}: report", 10.0)),
-        baseline=_take(report_raw, "baseline", str, f"{where}: report", None))
-    _no_leftovers(report_raw, f"{where}: report")
+        last_k=_take(raw, "last_k", int, here, DEFAULT_REPORT.last_k),
+        grad_norm_threshold=float(_take(raw, "grad_norm_threshold", (int, float), here,
+                                        DEFAULT_REPORT.grad_norm_threshold)),
+        baseline=_take(raw, "baseline", str, here, DEFAULT_REPORT.baseline),
+        notes=_notes(raw, here))
+    _no_leftovers(raw, here)
+    return report
 
+
+def _notes(report: dict, where: str) -> tuple[str, ...]:
+    notes = _take(report, "notes", list, where, [])
+    _require(all(isinstance(n, str) and n.strip() for n in notes), f"{where}: notes must be a list of non-empty "
+             "strings (one statement each)")
+    return tuple(n.strip() for n in notes)
+
+
+def _configurations(top: dict, default_seeds: tuple[int, ...], where: str) -> tuple[Configuration, ...]:
     items = _take(top, "configurations", list, where)
     _require(bool(items), f"{where}: configurations must list at least one configuration")
-    configurations = tuple(_configuration(item, i, seeds, f"{where}: configurations[{i}]")
+    configurations = tuple(_configuration(item, i, default_seeds, f"{where}: configurations[{i}]")
                            for i, item in enumerate(items))
-    _no_leftovers(top, where)
     labels = [c.label for c in configurations]
     dupes = sorted({label for label in labels if labels.count(label) > 1})
     _require(not dupes, f"{where}: configuration labels must be unique (repeated: {', '.join(dupes)})")
-    if report.baseline is not None and report.baseline not in labels:
-        raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
-                          hint=f"labels: {', '.join(labels)}")
-    spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
-                          base_config=base_config, steps=steps, eval_every=eval_every, eval_tiers=eval_tiers,
-                          deadlines=deadlines,
-                          seeds=seeds,
-                          run_timeout_s=run_timeout_s, threads=threads, report=report,
-                          configurations=configurations)
-    cfg = load_run_config(base_config)  # fails early on a bad base config
-    for c in configurations:
+    return configurations
+
+
+def _check_tiers_fit(spec: ExperimentSpec, where: str) -> None:
+    """Load the base config (fails early on a bad one) and check every tier leaves FFN neurons."""
+    cfg = load_run_config(spec.base_config)
+    for c in spec.configurations:
         for t in c.tiers:
             if cfg.model.intermediate_size >> t < 1:
                 raise ConfigError(f"{where}: configuration {c.label!r} uses tier {t}, which leaves no FFN "
                                   f"neurons at intermediate_size {cfg.model.intermediate_size}")
-    return spec
 
 
 def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where: str) -> Configuration:
@@ -274,8 +326,3 @@ def _take(d: dict, key: str, kind: type | tuple[type, ...], where: str, default:
 def _no_leftovers(d: dict, where: str) -> None:
     if d:
         raise ConfigError(f"{where}: unknown field {', '.join(map(repr, d))}")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)

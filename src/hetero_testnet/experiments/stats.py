@@ -22,6 +22,13 @@ which differences survive having looked at several configurations at once.
 
 Missing values (None) are dropped and counted out of n; non-finite values are kept, so a seed that
 diverged to NaN makes the mean NaN instead of silently disappearing.
+
+Why the t-tests are written out instead of calling `scipy.stats.ttest_ind(equal_var=False)` and
+`ttest_rel(...).confidence_interval()`: they compute the same statistics (tests/unit/test_stats.py
+checks t, df, p and the CI against them), but with numpy's arithmetic (pairwise sums, its own
+variance) instead of `math.fsum`, so they differ in the last one or two bits (8 of the 18
+comparisons of docs/results/tier-mix). The CSV and JSON carry full-precision floats, and a
+committed report must regenerate byte for byte. scipy still supplies the t distribution.
 """
 
 from __future__ import annotations
@@ -137,25 +144,17 @@ def welch(x: Sequence[float | None], baseline: Sequence[float | None],
     ma = math.fsum(a) / na if na else None
     mb = math.fsum(b) / nb if nb else None
     diff = ma - mb if ma is not None and mb is not None else None
-
-    def na_result(reason: str) -> Comparison:
-        return Comparison(na, nb, ma, mb, diff, None, None, None, None, None, reason, confidence)
-
+    means = (na, nb, ma, mb, diff)
     if na < 2 or nb < 2:
-        return na_result(f"needs n >= 2 seeds on both sides (have {na} vs {nb})")
+        return _not_applicable(means, f"needs n >= 2 seeds on both sides (have {na} vs {nb})", confidence)
     if not all(math.isfinite(v) for v in (*a, *b)):
-        return na_result("a value is NaN or Inf")
+        return _not_applicable(means, "a value is NaN or Inf", confidence)
     va, vb = _sample_std(a, ma) ** 2 / na, _sample_std(b, mb) ** 2 / nb
     se = math.sqrt(va + vb)
     if se == 0.0:
-        return na_result("no spread on either side (identical values)")
+        return _not_applicable(means, "no spread on either side (identical values)", confidence)
     df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    t = diff / se
-    from scipy import stats
-
-    p = float(2.0 * stats.t.sf(abs(t), df))
-    half = t_quantile(0.5 + confidence / 2, df) * se
-    return Comparison(na, nb, ma, mb, diff, t, df, p, diff - half, diff + half, None, confidence)
+    return _t_test(means, se, df, confidence)
 
 
 def paired(x: Mapping[int, float | None], baseline: Mapping[int, float | None],
@@ -171,23 +170,34 @@ def paired(x: Mapping[int, float | None], baseline: Mapping[int, float | None],
     ma = math.fsum(float(x[s]) for s in seeds) / n if n else None  # type: ignore[arg-type]
     mb = math.fsum(float(baseline[s]) for s in seeds) / n if n else None  # type: ignore[arg-type]
     diff = math.fsum(diffs) / n if n else None
-
-    def na_result(reason: str) -> Comparison:
-        return Comparison(n, n, ma, mb, diff, None, None, None, None, None, reason, confidence)
-
+    means = (n, n, ma, mb, diff)
     if n < 2:
-        return na_result(f"needs n >= 2 seeds run on both sides (have {n} in common)")
+        return _not_applicable(means, f"needs n >= 2 seeds run on both sides (have {n} in common)", confidence)
     if not all(math.isfinite(d) for d in diffs):
-        return na_result("a value is NaN or Inf")
+        return _not_applicable(means, "a value is NaN or Inf", confidence)
     se = _sample_std(diffs, diff) / math.sqrt(n)
     if se == 0.0:
-        return na_result("every seed differs by the same amount (no spread)")
+        return _not_applicable(means, "every seed differs by the same amount (no spread)", confidence)
+    return _t_test(means, se, float(n - 1), confidence)
+
+
+_Means = tuple[int, int, float | None, float | None, float | None]
+"""(n_x, n_baseline, mean_x, mean_baseline, diff), the first five fields of a `Comparison`."""
+
+
+def _t_test(means: _Means, se: float, df: float, confidence: float) -> Comparison:
+    """Two-sided t-test of `diff / se` with `df` degrees of freedom, and the CI `diff ± t(df) · se`."""
     from scipy import stats
 
+    diff = means[4]
     t = diff / se
-    p = float(2.0 * stats.t.sf(abs(t), n - 1))
-    half = t_quantile(0.5 + confidence / 2, n - 1) * se
-    return Comparison(n, n, ma, mb, diff, t, float(n - 1), p, diff - half, diff + half, None, confidence)
+    p = float(2.0 * stats.t.sf(abs(t), df))
+    half = t_quantile(0.5 + confidence / 2, df) * se
+    return Comparison(*means, t, df, p, diff - half, diff + half, None, confidence)
+
+
+def _not_applicable(means: _Means, reason: str, confidence: float) -> Comparison:
+    return Comparison(*means, None, None, None, None, None, reason, confidence)
 
 
 def significance_word(comp: Comparison, holm_p: float | None) -> str:
