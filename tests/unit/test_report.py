@@ -348,3 +348,10 @@ def test_experiment_notes_end_up_in_the_conclusions(tmp_path: Path):
     assert build_report(exp).notes == (note,)
     yaml_path.unlink()
     assert build_report(exp).notes == ()
+
+
+def test_the_runner_writes_the_files_the_report_reads():
+    from hetero_testnet.experiments import runner, spec
+
+    assert (runner.MANIFEST_FILE, runner.RUNS_LOG_FILE, runner.RUN_SPEC_FILE) == \
+        (spec.MANIFEST_FILE, spec.RUNS_LOG_FILE, spec.RUN_SPEC_FILE)

@@ -49,8 +49,7 @@ from hetero_testnet.config import BUNDLED_CONFIGS_DIR
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.rundir import RunDir, read_json_or_none, read_jsonl
 from hetero_testnet.experiments.run_result import RunResult, load_run
-from hetero_testnet.experiments.runner import MANIFEST_FILE, RUNS_LOG_FILE
-from hetero_testnet.experiments.spec import DEFAULT_REPORT, load_report_notes
+from hetero_testnet.experiments.spec import DEFAULT_REPORT, MANIFEST_FILE, RUNS_LOG_FILE, load_report_notes
 from hetero_testnet.experiments.stats import Comparison, MeanCI, holm, mean_ci, paired, welch
 
 DIFF_METRICS = ("val_loss_tier0", "train_loss_tier0")

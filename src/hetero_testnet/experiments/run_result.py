@@ -20,8 +20,7 @@ import yaml
 
 from hetero_testnet.events import Event, read_events
 from hetero_testnet.rundir import RunDir, read_json_or_none
-from hetero_testnet.experiments.runner import RUN_SPEC_FILE
-from hetero_testnet.experiments.spec import DEFAULT_REPORT
+from hetero_testnet.experiments.spec import DEFAULT_REPORT, RUN_SPEC_FILE
 from hetero_testnet.experiments.stats import json_number
 
 

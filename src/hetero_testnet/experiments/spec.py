@@ -23,6 +23,14 @@ from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 
 SYNC_MODES = ("allreduce", "none")
+# Files of an experiment directory (<logs-dir>/<name>/) that runner.py writes and the report reads.
+# Named here, beside the spec both import, so the report needs nothing of the runner (which needs run/).
+MANIFEST_FILE = "experiment.json"
+"""The whole matrix and the derived settings (`runner.write_manifest`)."""
+RUNS_LOG_FILE = "runs.jsonl"
+"""One record per attempt: run_started, run_ended, moved_aside."""
+RUN_SPEC_FILE = "experiment-run.json"
+"""In each run directory: the `run_identity` it was started with."""
 DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "round_witness_time",
                    "waiting_for_members_timeout")
 
