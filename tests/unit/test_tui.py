@@ -22,9 +22,11 @@ from rich.console import Console
 
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import read_events
-from hetero_testnet.tui.live import (View, draw_loss_chart, print_after_close, render_text, run_with_dashboard,
-                                tier_color)
-from hetero_testnet.tui.snapshot import ERROR, WARN, RunSnapshot, apply_event, build_snapshot
+from hetero_testnet.tui.chart import draw_loss_chart, tier_color
+from hetero_testnet.tui.fold import apply_event, build_snapshot
+from hetero_testnet.tui.live import run_with_dashboard
+from hetero_testnet.tui.render import View, print_after_close, render_text
+from hetero_testnet.tui.snapshot import ERROR, WARN, RunSnapshot
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "events-sample.jsonl"
 BRAILLE = re.compile("[\u2801-\u28ff]")
@@ -313,7 +315,7 @@ class FakeLauncher:
         if self.plan.early_interrupt:
             self.on_event(started(total=4)[0])
             os.kill(os.getpid(), signal.SIGINT)
-            self.early_stop_seen = self.stopped.wait(0.5)  # must be held: no coordinator to signal yet
+            self.early_stop_seen = self.stopped.wait(10.0)  # the real launcher holds it until ready
             for e in started(total=4)[1:]:
                 self.on_event(e)
             return 130 if self.stopped.wait(10.0) else 99
@@ -375,13 +377,15 @@ def test_ctrl_c_asks_the_launcher_for_a_clean_stop(tmp_path):
     assert "run demo interrupted" in buf.getvalue()
 
 
-def test_a_stop_before_the_coordinator_started_is_held_until_it_has(tmp_path):
+def test_a_stop_before_the_coordinator_started_goes_to_the_launcher_once(tmp_path):
+    """The launcher holds a stop asked for before its coordinator is ready (Launcher.request_stop), so
+    the dashboard passes it on at once, and only once although the signal stays recorded."""
     FakeLauncher.instances.clear()
     console, _ = _console()
     code = run_with_dashboard(FakeLauncher, _Plan(tmp_path / "demo", early_interrupt=True), console=console)
     launcher = FakeLauncher.instances[-1]
     assert code == 130 and launcher.stop_reasons == ["Ctrl-C"]
-    assert launcher.early_stop_seen is False
+    assert launcher.early_stop_seen is True
 
 
 def test_a_launcher_error_is_raised_after_the_screen_closed(tmp_path):

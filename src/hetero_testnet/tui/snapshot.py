@@ -1,25 +1,13 @@
-"""`RunSnapshot`: everything the dashboard shows, folded from the event stream and nothing else.
+"""`RunSnapshot`: everything the dashboard shows, and nothing it could not get from the event stream.
 
-The dashboard (`tui.py`) and `testnet watch` never ask a process anything: they fold the events of
-`logs/<name>/events.jsonl` (see docs/events.md) into one `RunSnapshot`, one event at a time, and render
-that. So a live run, a followed run and a recorded file show the same thing, and every warning on screen
-is also in the logs. The fold is pure data (no Rich, no clock): `now` is only ever passed in by the view.
+The dashboard (live.py, render.py) and `testnet watch` never ask a process anything: fold.py folds the
+events of `logs/<name>/events.jsonl` (see docs/events.md) into one `RunSnapshot`, one event at a time,
+and render.py draws that. So a live run, a followed run and a recorded file show the same thing, and
+every warning on screen is also in the logs. A snapshot is pure data (no Rich, no clock): `now` is
+only ever passed in by the view.
 
 Vocabulary: `client_id` is the stable identity that survives restarts; `tier` is the MatFormer tier
 (FFN width = full width >> tier); `step` counts committed optimizer steps.
-
-Client states are *approximations*, because the coordinator reports phases per run, not per client:
-
-- `client_joined` -> waiting (connected, not yet in a generation);
-- `generation` -> its members are exchanging (group init and state transfer), other live clients waiting;
-- `state` RoundTrain and `client_step` -> training (the coordinator cannot tell compute from all-reduce
-  inside a round, so "training" covers both);
-- `step_discarded` / `generation_failed` -> the generation's live members wait for the next generation;
-- `client_lost` / `fault_kill` -> dead; `client_restarted` -> restarting (until it joins again);
-- `run_finished` -> live clients are done (a restart the launcher still makes after it only counts).
-
-`client_step` arrives one step late (after the client applied the committed update), so the per-client
-columns lag the header's step counter by one step.
 """
 
 from __future__ import annotations
@@ -27,13 +15,32 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+from hetero_testnet.events import RunState
 
 FEED_MAX = 200          # event-panel lines kept (the panel shows the newest that fit)
 RATE_WINDOW_STEPS = 10  # committed steps averaged for the header's tokens/s
 
 # Event-panel levels, in increasing severity.
 INFO, JOIN, WARN, ERROR = "info", "join", "warn", "error"
+
+
+class ClientState(StrEnum):
+    """A client's row state: an approximation from run-level events (the rules: fold.py)."""
+
+    WAITING = "waiting"
+    EXCHANGING = "exchanging"
+    TRAINING = "training"
+    DEAD = "dead"
+    RESTARTING = "restarting"
+    DONE = "done"
+
+    @property
+    def is_gone(self) -> bool:
+        """Dead or restarting: not a live member, so run-level events do not move it."""
+        return self in (ClientState.DEAD, ClientState.RESTARTING)
 
 
 @dataclass
@@ -47,7 +54,7 @@ class ClientRow:
     """Full FFN width (tier 0), derived as `ffn_width << tier` (the events do not carry it)."""
     helper_fraction: float | None = None
     helper_neurons: int | None = None
-    state: str = "waiting"
+    state: ClientState = ClientState.WAITING
     last_loss: float | None = None
     step_time_s: float | None = None
     tokens_per_sec: float | None = None
@@ -75,11 +82,12 @@ class FeedItem:
 
 @dataclass
 class RunSnapshot:
-    """The whole dashboard state. Build it with `build_snapshot(events)` or `apply_event` one by one."""
+    """The whole dashboard state. Build it with `fold.build_snapshot(events)` or `fold.apply_event` one by one."""
 
     name: str | None = None
     run_id: str | None = None
-    state: str = "Launching"
+    state: str = RunState.LAUNCHING
+    """A `RunState` value (kept as the event's string, so a newer coordinator's state still shows)."""
     state_since: float | None = None
     paused: bool = False
     """A pause was requested (`pause` event) and not yet undone; state `Paused` means it is holding."""
@@ -164,7 +172,7 @@ class RunSnapshot:
         return points[-1][1] if points else None
 
     def alive_clients(self) -> int:
-        return sum(1 for c in self.clients.values() if c.state not in ("dead", "restarting"))
+        return sum(1 for c in self.clients.values() if not c.state.is_gone)
 
     def status_line(self) -> str:
         """One line for the terminal after the dashboard closes."""
@@ -183,277 +191,23 @@ class RunSnapshot:
             parts.append(f"{len(self.problems)} warning(s)/error(s)")
         return " | ".join(parts)
 
-    # ------------------------------------------------------------ folding
+    # ------------------------------------------------------------ used by the fold
     def client(self, client_id: int) -> ClientRow:
         row = self.clients.get(client_id)
         if row is None:
             row = self.clients[client_id] = ClientRow(client_id)
         return row
 
-    def _say(self, ts: float, level: str, text: str) -> None:
+    def say(self, ts: float, level: str, text: str) -> None:
+        """Add a feed line; warnings and errors are also kept in `problems`."""
         item = FeedItem(ts, level, text)
         self.feed.append(item)
         if level in (WARN, ERROR):
             self.problems.append(item)
 
-    def _set_members_state(self, ids: Iterable[int], state: str) -> None:
+    def set_members_state(self, ids: Iterable[int], state: ClientState) -> None:
+        """Move the rows of `ids` that are not gone (dead, restarting) to `state`."""
         for cid in ids:
             row = self.clients.get(cid)
-            if row is not None and row.state not in ("dead", "restarting"):
+            if row is not None and not row.state.is_gone:
                 row.state = state
-
-
-def build_snapshot(events: Iterable[dict[str, Any]], *, name: str | None = None) -> RunSnapshot:
-    """Fold a sequence of events (e.g. `read_events(path)`) into a fresh snapshot."""
-    snap = RunSnapshot(name=name)
-    for event in events:
-        apply_event(snap, event)
-    return snap
-
-
-def apply_event(snap: RunSnapshot, e: dict[str, Any]) -> None:
-    """Fold one event into `snap`. Unknown events and missing keys are tolerated (older/newer writers)."""
-    kind = e.get("event")
-    ts = _num(e.get("ts")) or snap.last_ts or 0.0
-    cid = e.get("client_id")
-    snap.events_seen += 1
-    snap.last_ts = ts
-    if snap.start_ts is None:
-        snap.start_ts = ts
-    snap.run_id = e.get("run_id") or snap.run_id
-    handler = _HANDLERS.get(kind)
-    if handler is not None:
-        handler(snap, e, ts, cid)
-
-
-# ---------------------------------------------------------------- per-event handlers
-
-def _on_launch(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    # A new launch in the same directory (a --resume) restarts the clock but keeps the loss history.
-    snap.name = e.get("name") or snap.name
-    snap.start_ts, snap.finished_ts, snap.status, snap.finish_reason = ts, None, None, None
-    snap.state, snap.state_since, snap.paused = "Launching", ts, False
-    snap.first_commit_origin_ts = snap.first_commit_step = snap.last_commit_ts = None
-    snap.train_wall_s = 0.0
-    snap.clients.clear()
-    snap.total_steps = e.get("total_steps", snap.total_steps)
-    tiers = e.get("tiers") or []
-    snap._say(ts, INFO, f"launch: {e.get('num_clients', len(tiers))} clients, tiers "
-                        f"{','.join(str(t) for t in tiers)}")
-
-
-def _on_run_started(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.total_steps = e.get("total_steps", snap.total_steps)
-    if e.get("step"):
-        snap.steps_done = e["step"]
-    resumed = e.get("resumed_from")
-    snap._say(ts, INFO, "coordinator started" + (f", resumed from {resumed}" if resumed else ""))
-
-
-def _on_state(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    new = e.get("new") or snap.state
-    snap.state, snap.state_since = new, ts
-    snap.epoch = e.get("epoch", snap.epoch)
-    if new == "RoundTrain":
-        snap._set_members_state(snap.members, "training")
-
-
-def _on_client_joined(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    if cid is None:
-        return
-    row = snap.client(cid)
-    row.tier = e.get("tier", row.tier)
-    row.ffn_width = e.get("ffn_width", row.ffn_width)
-    if row.tier is not None and row.ffn_width is not None:
-        row.full_width = row.ffn_width << row.tier
-    row.helper_fraction = e.get("helper_fraction", row.helper_fraction)
-    row.state = "waiting"
-    row.joins += 1
-    again = " again" if row.joins > 1 else ""
-    snap._say(ts, JOIN, f"client {cid} joined{again}, tier {row.tier}")
-
-
-def _on_client_lost(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    if cid is not None:
-        snap.client(cid).state = "dead"
-    snap._say(ts, WARN, f"client {cid} lost: {e.get('reason', '?')}")
-
-
-def _on_fault_kill(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    if cid is not None:
-        row = snap.client(cid)
-        row.state, row.kills = "dead", row.kills + 1
-    snap._say(ts, WARN, f"fault: {e.get('signal', 'killed')} client {cid}")
-
-
-def _on_client_restarted(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    if cid is not None:
-        row = snap.client(cid)
-        row.restarts += 1
-        if snap.status is None:  # the launcher may restart a killed client while the run shuts down
-            row.state = "restarting"
-    snap._say(ts, INFO, f"client {cid} restarted")
-
-
-def _on_client_rejected(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap._say(ts, WARN, f"rejected {e.get('peer', '?')}: {e.get('reason', '?')}")
-
-
-def _on_protocol_error(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap._say(ts, WARN, f"protocol error from {e.get('peer', '?')}: {e.get('reason', '?')}")
-
-
-def _on_generation(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.generation = e.get("generation", snap.generation)
-    snap.members = list(e.get("members") or [])
-    for row in snap.clients.values():
-        if row.state not in ("dead", "restarting"):
-            row.state = "exchanging" if row.client_id in snap.members else "waiting"
-    source = e.get("state_source")
-    via = f" (state from {source})" if source is not None else ""
-    snap._say(ts, INFO, f"generation {snap.generation}: {','.join(map(str, snap.members))}{via}")
-
-
-def _on_generation_failed(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap._set_members_state(snap.members, "waiting")
-    snap._say(ts, WARN, f"generation {e.get('generation', '?')} failed: {e.get('reason', '?')}")
-
-
-def _on_step_committed(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    step = e.get("step")
-    if step is None:
-        return
-    wall = _num(e.get("step_wall_s")) or 0.0
-    snap.steps_done = step + 1
-    snap.total_steps = e.get("total_steps", snap.total_steps)
-    snap.epoch = e.get("epoch", snap.epoch)
-    snap.generation = e.get("generation", snap.generation)
-    if e.get("members"):
-        snap.members = list(e["members"])
-    if snap.first_commit_origin_ts is None:
-        snap.first_commit_origin_ts, snap.first_commit_step = ts - wall, step
-    snap.last_commit_ts = ts
-    snap.train_wall_s += wall
-    tokens = int(e.get("tokens") or 0)
-    snap.tokens_trained += tokens
-    snap.recent_steps.append((tokens, wall))
-    for tier, loss in (e.get("loss_by_tier") or {}).items():
-        value = _num(loss)
-        if value is not None:
-            points = snap.loss_by_tier.setdefault(int(tier), [])
-            if points and points[-1][0] >= step:  # a resumed run re-commits steps: keep the newest
-                while points and points[-1][0] >= step:
-                    points.pop()
-            points.append((step, value))
-
-
-def _on_client_step(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    if cid is None:
-        return
-    row = snap.client(cid)
-    if row.state not in ("dead", "restarting"):
-        row.state = "training"
-    row.tier = e.get("tier", row.tier)
-    if e.get("ffn_width") is not None:
-        row.ffn_width = e["ffn_width"]
-        if row.tier is not None:
-            row.full_width = row.ffn_width << row.tier
-    row.helper_neurons = e.get("helper_neurons", row.helper_neurons)
-    row.last_loss = _num(e.get("loss"))
-    row.step_time_s = _num(e.get("step_time_s"))
-    row.tokens_per_sec = _num(e.get("tokens_per_sec"))
-    row.rss_mb = _num(e.get("rss_mb"), row.rss_mb)
-    row.last_step = e.get("step")
-    if e.get("nan_inf"):
-        snap._say(ts, WARN, f"client {cid}: non-finite loss/gradient at step {e.get('step')}")
-
-
-def _on_step_discarded(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.discarded_steps += 1
-    snap._set_members_state(snap.members, "waiting")
-    snap._say(ts, WARN, f"step {e.get('step')} discarded: {e.get('reason', '?')}")
-
-
-def _on_replica_mismatch(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    sums = e.get("checksums") or {}
-    detail = ", ".join(f"{c}={str(s)[:8]}" for c, s in sorted(sums.items()))
-    snap._say(ts, ERROR, f"replicas differ after step {e.get('step')}: {detail}")
-
-
-def _on_eval(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    tier, loss = e.get("tier"), _num(e.get("val_loss"))
-    if tier is None or loss is None:
-        return
-    step = int(e.get("step") or 0)
-    snap.val_loss[int(tier)] = (step, loss)
-    line = snap.eval_lines.get(step)
-    if line is None or not any(item is line[0] for item in snap.feed):
-        snap._say(ts, INFO, "")
-        line = snap.eval_lines[step] = (snap.feed[-1], {})
-        for old in sorted(snap.eval_lines)[:-4]:  # evals of a step arrive close together
-            del snap.eval_lines[old]
-    line[1][int(tier)] = loss
-    line[0].text = f"val loss @{step}: " + " ".join(f"t{t} {v:.3f}" for t, v in sorted(line[1].items()))
-
-
-def _on_checkpoint_saved(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap._say(ts, INFO, f"checkpoint at step {e.get('step')}: {e.get('path', '?')}")
-
-
-def _on_epoch(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.epoch = e.get("epoch", snap.epoch)
-    snap._say(ts, INFO, f"epoch {snap.epoch}")
-
-
-def _on_pause(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.paused = e.get("event") == "pause"
-    what = "pause requested (holds at the next step boundary)" if snap.paused else "resumed"
-    snap._say(ts, INFO, what)
-
-
-def _on_run_finished(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
-    snap.status = e.get("status") or "finished"
-    snap.finish_reason = e.get("reason")
-    snap.finished_ts = ts
-    snap.paused = False
-    snap.steps_done = e.get("steps_completed", snap.steps_done)
-    snap.total_steps = e.get("total_steps", snap.total_steps)
-    snap._set_members_state(list(snap.clients), "done")
-    level = {"finished": INFO, "interrupted": WARN}.get(snap.status, ERROR)
-    snap._say(ts, level, f"run {snap.status}: {snap.finish_reason or ''}".rstrip(": "))
-    if e.get("replicas_identical") is False:
-        snap._say(ts, ERROR, "replicas were not bit-identical at the end")
-
-
-_HANDLERS = {
-    "launch": _on_launch,
-    "run_started": _on_run_started,
-    "state": _on_state,
-    "client_joined": _on_client_joined,
-    "client_lost": _on_client_lost,
-    "fault_kill": _on_fault_kill,
-    "client_restarted": _on_client_restarted,
-    "client_rejected": _on_client_rejected,
-    "protocol_error": _on_protocol_error,
-    "generation": _on_generation,
-    "generation_failed": _on_generation_failed,
-    "step_committed": _on_step_committed,
-    "client_step": _on_client_step,
-    "step_discarded": _on_step_discarded,
-    "replica_mismatch": _on_replica_mismatch,
-    "eval": _on_eval,
-    "checkpoint_saved": _on_checkpoint_saved,
-    "epoch": _on_epoch,
-    "pause": _on_pause,
-    "resume": _on_pause,
-    "run_finished": _on_run_finished,
-}
-
-
-def _num(value: Any, default: float | None = None) -> float | None:
-    """A finite float, or `default` (JSON may carry null, NaN or a string)."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return default
-    return f if f == f and f not in (float("inf"), float("-inf")) else default
