@@ -194,6 +194,14 @@ class RunConfig:
             lr_schedule=dataclasses.replace(self.lr_schedule, total_steps=total_steps),
         )
 
+    def with_data_dir(self, path: str | Path) -> "RunConfig":
+        """Train and validate on the shards in `path` (a client on another machine); a relative
+        path is taken from the working directory, as a config's `data_location` is from its file."""
+        directory = Path(path).expanduser()
+        if not directory.is_absolute():
+            directory = directory.resolve()
+        return self.replace(data=dataclasses.replace(self.data, train_dir=directory, val_dir=directory))
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML layout again (paths as strings), for `config.yaml` in a run's logs."""
         timing = dataclasses.asdict(self.timing)

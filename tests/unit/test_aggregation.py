@@ -3,7 +3,7 @@
 import torch
 
 from hetero_testnet.exchange.aggregation import (apply_average, build_layout, grad_views, pack_contribution,
-                                        shard_bounds, sum_of_squares)
+                                                 shard_bounds, sum_of_squares, update_masks_for)
 
 L, I, C = 2, 4, 3  # layers, FFN width, hidden
 
@@ -24,7 +24,7 @@ def _client_grads(layout, gen, width):
     for slot in layout.slots:
         g = torch.randn(slot.shape, generator=gen)
         if slot.ffn_layer is not None:
-            if slot.neuron_dim == 0:
+            if slot.neuron_axis == 0:
                 g[width:, :] = 0
             else:
                 g[:, width:] = 0
@@ -94,3 +94,15 @@ def test_shards_cover_everything_once():
     x = torch.randn(1000)
     total = sum(sum_of_squares(x, *shard_bounds(1000, r, 3)) for r in range(3))
     assert abs(total - float((x.double() ** 2).sum())) < 1e-9
+
+
+def test_update_masks_for_held_neurons():
+    layout = _layout()
+    held = torch.ones(L, I, dtype=torch.bool)
+    held[1, 3] = False
+    masks = update_masks_for(layout, held)
+    assert masks["model.embed_tokens.weight"] is None
+    assert all(masks[f"model.layers.0.mlp.{k}_proj.weight"] is None for k in ("gate", "up", "down"))
+    assert masks["model.layers.1.mlp.up_proj.weight"].shape == (I, 1)
+    assert masks["model.layers.1.mlp.down_proj.weight"].shape == (1, I)
+    assert masks["model.layers.1.mlp.down_proj.weight"].squeeze().tolist() == [True, True, True, False]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import hetero_testnet.model.checkpoint as ckpt_mod
-from hetero_testnet.model.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoint_meta, save_checkpoint,
-                                       write_initial_checkpoint)
+from hetero_testnet.model.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoint_meta,
+                                             parameter_checksum, save_checkpoint, write_initial_checkpoint)
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.model.nanogpt import build_model
 from hetero_testnet.model.optim import MaskedAdamW
@@ -159,3 +159,13 @@ def test_latest_checkpoint_and_meta(tiny_config, logs_dir):
     assert latest_checkpoint(logs_dir) == logs_dir / "checkpoint"
     assert load_checkpoint_meta(logs_dir / "checkpoint") == {"step": 10}
     assert isinstance(latest_checkpoint(str(logs_dir)), Path)
+
+
+def test_parameter_checksum_sees_every_bit(tiny_config, logs_dir):
+    model, opt = _trained(tiny_config)
+    before = parameter_checksum(model)
+    assert before == parameter_checksum(load_checkpoint(save_checkpoint(logs_dir / "ck", model, opt, META)).build_model())
+    with torch.no_grad():
+        w = dict(model.named_parameters())["model.norm.weight"]
+        w.view(-1).view(torch.int32)[3] ^= 1  # flip the lowest mantissa bit of one element
+    assert parameter_checksum(model) != before

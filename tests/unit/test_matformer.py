@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.model.matformer import (NeuronSet, build_neuron_set, build_update_masks, expand_neuron_vector,
-                                      ffn_layer, ffn_neuron_axis, ffn_width, is_ffn_param, neuron_mask,
-                                      sample_helpers, slice_ffn_state_dict)
+from hetero_testnet.model.matformer import (NeuronSet, build_neuron_masks, build_neuron_set, expand_neuron_vector,
+                                            ffn_layer, ffn_neuron_axis, ffn_width, is_ffn_param, neuron_mask,
+                                            sample_helpers, slice_ffn_state_dict)
 
 I = 1024
 
@@ -108,22 +108,21 @@ def test_parameter_name_helpers():
     with pytest.raises(ValueError):
         ffn_neuron_axis("model.norm.weight")
     v = torch.arange(6)
-    assert expand_neuron_vector(v, "model.layers.0.mlp.up_proj.weight").shape == (6, 1)
-    assert expand_neuron_vector(v, "model.layers.0.mlp.down_proj.weight").shape == (1, 6)
+    assert expand_neuron_vector(v, ffn_neuron_axis("model.layers.0.mlp.up_proj.weight")).shape == (6, 1)
+    assert expand_neuron_vector(v, ffn_neuron_axis("model.layers.0.mlp.down_proj.weight")).shape == (1, 6)
 
 
-def test_update_masks_and_slicing(tiny_model, tiny_config):
+def test_neuron_masks_stack_every_layer():
+    helpers = (torch.tensor([5]), torch.tensor([7]))
+    masks = build_neuron_masks(NeuronSet(prefix_width=2, helpers=helpers), 8, 2)
+    assert masks.shape == (2, 8) and masks.dtype == torch.bool
+    assert masks[0].nonzero().flatten().tolist() == [0, 1, 5]
+    assert masks[1].nonzero().flatten().tolist() == [0, 1, 7]
+    assert torch.equal(masks[1], neuron_mask(NeuronSet(prefix_width=2, helpers=helpers), 8, 1))
+
+
+def test_slicing(tiny_model, tiny_config):
     m = tiny_config.model
-    names = [n for n, _ in tiny_model.named_parameters()]
-    masks = build_update_masks(names, NeuronSet(prefix_width=16), m.intermediate_size)
-    for name, p in tiny_model.named_parameters():
-        mask = masks[name]
-        if not is_ffn_param(name):
-            assert mask is None
-            continue
-        assert mask.dtype == torch.bool and torch.broadcast_shapes(mask.shape, p.shape) == p.shape
-        assert int(mask.sum()) == 16
-    assert all(v is None for v in build_update_masks(names, NeuronSet(prefix_width=64), 64).values())
     sliced = slice_ffn_state_dict(tiny_model.state_dict(), 16)
     assert sliced["model.layers.0.mlp.gate_proj.weight"].shape == (16, m.hidden_size)
     assert sliced["model.layers.1.mlp.down_proj.weight"].shape == (m.hidden_size, 16)

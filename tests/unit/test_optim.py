@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from hetero_testnet.config import LRScheduleConfig, OptimizerConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.model.matformer import NeuronSet, build_update_masks
+from hetero_testnet.model.matformer import expand_neuron_vector, ffn_neuron_axis, is_ffn_param
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, grad_sq_sum, lr_at
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, lr_at
 
 OPT = OptimizerConfig(betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
@@ -43,22 +41,25 @@ def test_lr_at_edge_cases():
 
 # --------------------------------------------------------------------------- clipping helpers
 
-def test_clip_coefficient_and_grad_sq_sum():
+def test_clip_coefficient():
     assert clip_coefficient(0.5, 1.0) == 1.0
     assert clip_coefficient(4.0, 1.0) == pytest.approx(0.25)
     assert clip_coefficient(100.0, 0.0) == 1.0  # disabled
-    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)
-    a.grad, b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.full((2, 2), 0.5)
-    assert grad_sq_sum([a, b, torch.zeros(1, requires_grad=True)]) == 10.0
-    # same coefficient as torch's clip_grad_norm_
-    total = math.sqrt(grad_sq_sum([a, b]))
-    ga, gb = a.grad.clone(), b.grad.clone()
-    torch.nn.utils.clip_grad_norm_([a, b], 1.0)
-    torch.testing.assert_close(a.grad, ga * clip_coefficient(total, 1.0))
-    torch.testing.assert_close(b.grad, gb * clip_coefficient(total, 1.0))
+    # same coefficient as torch's clip_grad_norm_ (the reducer's whole clip: tests/unit/test_reducer.py)
+    a = torch.zeros(3, requires_grad=True)
+    a.grad = torch.tensor([1.0, 2.0, 2.0])
+    torch.nn.utils.clip_grad_norm_([a], 1.0)
+    torch.testing.assert_close(a.grad, torch.tensor([1.0, 2.0, 2.0]) * clip_coefficient(3.0, 1.0))
 
 
 # --------------------------------------------------------------------------- MaskedAdamW
+
+def _prefix_masks(model, width, intermediate_size):
+    """Update masks of a client computing the first `width` FFN neurons (None off the FFN)."""
+    held = torch.arange(intermediate_size) < width
+    return {n: expand_neuron_vector(held, ffn_neuron_axis(n)) if is_ffn_param(n) else None
+            for n, _ in model.named_parameters()}
+
 
 def _model_pair(tiny_config):
     a = build_model(tiny_config.model, seed=0)
@@ -114,8 +115,7 @@ def test_unmasked_equals_torch_adamw(tiny_config):
 
 def test_masked_elements_untouched_and_others_equal_adamw(tiny_config):
     ours, ref = _model_pair(tiny_config)
-    names = [n for n, _ in ours.named_parameters()]
-    masks = build_update_masks(names, NeuronSet(prefix_width=16), tiny_config.model.intermediate_size)
+    masks = _prefix_masks(ours, 16, tiny_config.model.intermediate_size)
     opt = MaskedAdamW(list(ours.named_parameters()), OPT)
     ref_opt = _torch_adamw(ref, 2e-3)
     initial = {n: p.detach().clone() for n, p in ours.named_parameters()}
@@ -167,13 +167,11 @@ def test_per_neuron_step_counts_with_rotating_masks():
 def test_update_is_bit_identical_across_thread_counts(tiny_config):
     results = []
     threads = torch.get_num_threads()
-    names = None
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
             model = build_model(tiny_config.model, seed=0)
-            names = [k for k, _ in model.named_parameters()]
-            masks = build_update_masks(names, NeuronSet(prefix_width=24), tiny_config.model.intermediate_size)
+            masks = _prefix_masks(model, 24, tiny_config.model.intermediate_size)
             opt = MaskedAdamW(list(model.named_parameters()), OPT)
             gen = torch.Generator().manual_seed(2)
             for _ in range(3):

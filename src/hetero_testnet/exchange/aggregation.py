@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero_testnet.model.matformer import ffn_layer, ffn_neuron_axis, is_ffn_param
+from hetero_testnet.model.matformer import expand_neuron_vector, ffn_layer, ffn_neuron_axis, is_ffn_param
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class ParamSlot:
     numel: int
     ffn_layer: int | None
     """Layer index for FFN matrices (their neurons can differ between clients), else None."""
-    neuron_dim: int
-    """0 for gate/up (neurons are rows), 1 for down (neurons are columns); unused otherwise."""
+    neuron_axis: int
+    """`matformer.ffn_neuron_axis`: 0 for gate/up (neurons are rows), 1 for down (columns); 0 otherwise."""
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ def pack_contribution(buffer: torch.Tensor, layout: BufferLayout, neuron_masks: 
     return buffer
 
 
-def _neuron_view(counts: torch.Tensor, slot: ParamSlot) -> torch.Tensor:
-    """Per-neuron counts (I,) shaped to broadcast over the parameter: (I, 1) rows or (1, I) columns."""
-    return counts.view(-1, 1) if slot.neuron_dim == 0 else counts.view(1, -1)
-
-
 def apply_average(buffer: torch.Tensor, layout: BufferLayout) -> dict[str, torch.Tensor | None]:
     """Turn an all-reduced (summed) buffer into averaged gradients, in place.
 
@@ -117,7 +112,6 @@ def apply_average(buffer: torch.Tensor, layout: BufferLayout) -> dict[str, torch
     c = layout.count_offset
     total = float(buffer[c])
     neuron_counts = buffer[c + 1:layout.total_numel].view(layout.num_layers, layout.intermediate_size).clone()
-    masks: dict[str, torch.Tensor | None] = {}
     for slot in layout.slots:
         grad = buffer[slot.offset: slot.offset + slot.numel].view(slot.shape)
         if slot.ffn_layer is None:
@@ -125,14 +119,26 @@ def apply_average(buffer: torch.Tensor, layout: BufferLayout) -> dict[str, torch
                 grad.div_(total)
             else:
                 grad.zero_()
-            masks[slot.name] = None
             continue
-        counts = neuron_counts[slot.ffn_layer]
-        held = counts > 0
         # Elements nobody computed have a summed gradient of exactly 0: dividing by max(count, 1)
         # leaves them 0, so one division serves both cases.
-        grad.div_(_neuron_view(counts.clamp(min=1.0), slot))
-        masks[slot.name] = None if bool(held.all()) else _neuron_view(held, slot)
+        grad.div_(expand_neuron_vector(neuron_counts[slot.ffn_layer].clamp(min=1.0), slot.neuron_axis))
+    return update_masks_for(layout, neuron_counts > 0)
+
+
+def update_masks_for(layout: BufferLayout, held: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Per-parameter update masks from `held` (num_layers, intermediate) bool: who computed each neuron.
+
+    Non-FFN parameters map to None (every client computes them); so does an FFN matrix whose
+    neurons were all held; otherwise a bool view broadcastable to the matrix.
+    """
+    masks: dict[str, torch.Tensor | None] = {}
+    for slot in layout.slots:
+        if slot.ffn_layer is None:
+            masks[slot.name] = None
+            continue
+        layer_held = held[slot.ffn_layer]
+        masks[slot.name] = None if bool(layer_held.all()) else expand_neuron_vector(layer_held, slot.neuron_axis)
     return masks
 
 

@@ -7,6 +7,8 @@ A checkpoint directory holds:
 - `optimizer.safetensors` (optional): `MaskedAdamW.state_dict()`;
 - `state.json`: the caller's run state (step, data index, epoch, seed, RNG state as lists, ...).
 
+`parameter_checksum` is the model's bit-exact fingerprint, which replicas compare after every step.
+
 Tensors are read only with `safetensors.torch.load_file` (no `torch.load`, so no code runs on load).
 A save goes to a temporary directory beside the target, which then replaces it (an atomic
 exchange where the kernel offers one), so an interrupted save never corrupts the previous checkpoint.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +40,24 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """A bit-exact fingerprint of every parameter: any changed bit changes it.
+
+    Per parameter, the raw bits summed as int64 words (pairs of float32) and as int32 words, both
+    wrapping; hashed together with the names. Integer sums are exact and independent of thread
+    count (a float sum is neither), and they run at memory speed (~10 ms for the 20M model).
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            bits = p.detach().contiguous().view(-1).view(torch.int32)
+            even = bits[: bits.numel() // 2 * 2]
+            h.update(name.encode())
+            h.update(int(even.view(torch.int64).sum()).to_bytes(8, "little", signed=True))
+            h.update(int(bits.sum(dtype=torch.int32)).to_bytes(8, "little", signed=True))
+    return h.hexdigest()[:32]
 
 
 @dataclass

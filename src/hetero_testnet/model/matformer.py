@@ -14,7 +14,8 @@ Vocabulary (used across the package):
 - a `NeuronSet` is the neurons one client computes in one step: the prefix plus per-layer helpers.
 
 Nothing here touches process groups or the model; `model.py` consumes `NeuronSet`, `optim.py` and
-the aggregation code consume the per-neuron masks built here.
+the aggregation code consume the per-neuron masks built here. Which axis of an FFN matrix indexes
+neurons is decided here only (`ffn_neuron_axis`, `expand_neuron_vector`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -170,6 +171,11 @@ def neuron_mask(neurons: NeuronSet, intermediate_size: int, layer: int) -> torch
     return mask
 
 
+def build_neuron_masks(neurons: NeuronSet, intermediate_size: int, num_layers: int) -> torch.Tensor:
+    """BoolTensor (num_layers, intermediate_size): `neuron_mask` of every layer, stacked."""
+    return torch.stack([neuron_mask(neurons, intermediate_size, layer) for layer in range(num_layers)])
+
+
 # --------------------------------------------------------------------------- parameter names
 
 def is_ffn_param(name: str) -> bool:
@@ -194,25 +200,10 @@ def ffn_neuron_axis(name: str) -> int:
     return 1 if _parse_ffn_param(name)[1] == "down" else 0
 
 
-def expand_neuron_vector(vector: torch.Tensor, name: str) -> torch.Tensor:
-    """A per-neuron vector (I,) as a view broadcastable to the parameter: (I, 1) gate/up, (1, I) down."""
-    return vector.view(1, -1) if ffn_neuron_axis(name) == 1 else vector.view(-1, 1)
-
-
-def build_update_masks(param_names: Iterable[str], neurons: NeuronSet,
-                       intermediate_size: int) -> dict[str, torch.Tensor | None]:
-    """Per-parameter masks of the elements a client computes: None (all) or a broadcastable BoolTensor.
-
-    Non-FFN parameters, and every parameter when the set is full, map to None.
-    """
-    full = neurons.is_full(intermediate_size)
-    masks: dict[str, torch.Tensor | None] = {}
-    for name in param_names:
-        if full or not is_ffn_param(name):
-            masks[name] = None
-        else:
-            masks[name] = expand_neuron_vector(neuron_mask(neurons, intermediate_size, ffn_layer(name)), name)
-    return masks
+def expand_neuron_vector(vector: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-neuron vector (I,) as a view broadcastable to an FFN matrix whose neuron axis is `axis`
+    (`ffn_neuron_axis(name)`): (I, 1) for gate/up (axis 0), (1, I) for down (axis 1)."""
+    return vector.view(1, -1) if axis == 1 else vector.view(-1, 1)
 
 
 def slice_ffn_state_dict(state: Mapping[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Learning-rate schedule, gradient clipping helpers and a masked AdamW.
+"""Learning-rate schedule, the gradient clipping coefficient and a masked AdamW.
 
 `MaskedAdamW` is AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; the same update as
 `torch.optim.AdamW`) that updates each parameter only where a per-neuron mask is True. A MatFormer
@@ -43,19 +43,6 @@ def lr_at(step: int, cfg: LRScheduleConfig) -> float:
         return cfg.warmup_init_lr + (cfg.base_lr - cfg.warmup_init_lr) * step / warmup
     progress = 1.0 if total <= warmup else min(1.0, (step - warmup) / (total - warmup))
     return cfg.final_lr + (cfg.base_lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def grad_sq_sum(params: Iterable[torch.Tensor]) -> float:
-    """Sum of squares of every `p.grad`, accumulated in float64 (params without grad count 0).
-
-    The global gradient norm is `sqrt` of this summed over every shard/process; a distributed
-    caller sums the per-process values itself.
-    """
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float(torch.sum(torch.square(p.grad.detach().to(torch.float64))))
-    return total
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:
@@ -172,14 +159,6 @@ class MaskedAdamW:
             m.copy_(torch.where(mask, new_m, m))
             v.copy_(torch.where(mask, new_v, v))
             step.copy_(torch.where(mask, new_step, step))
-
-    def zero_grad(self) -> None:
-        """Full-shape zero gradients on every parameter (not None: masked sums need every element)."""
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
 
     # ----------------------------------------------------------------------- state
 

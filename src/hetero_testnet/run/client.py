@@ -4,13 +4,13 @@ The client holds the full-shape model, its optimizer state and nothing else of t
 coordinator decides membership, data, LR and whether each step is applied. Per step:
 
     Round    -> forward/backward on the assigned samples (only this tier's neurons)
-             -> pack T * grad and the neuron counts into one buffer, all-reduce (SUM)
-             -> masked average in place, global norm (sharded, identical on every rank), clip
-             -> Reduced (metrics)
+             -> `MaskedGradientReducer.reduce`: exact masked average over the group, global norm,
+                clip (`exchange/reducer.py`; the `--sync` strategy decides the group)
+             -> Reduced (metrics); the update waits as a `PendingUpdate`
     Commit   -> MaskedAdamW step (elements nobody computed stay untouched) -> Applied(checksum)
     Discard  -> nothing was applied; wait for the next generation
 
-Gradients live in one flat buffer (`p.grad` are views of it), so the exchange copies nothing.
+Gradients live in the reducer's flat buffer (`p.grad` are views of it), so the exchange copies nothing.
 
 Failure semantics: a failed collective is reported as `RoundFailed` and the client waits for a
 new `Generation`. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
@@ -20,33 +20,33 @@ reconnect and rejoin; its state is refreshed by broadcast. A silent or vanished 
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import os
-import random
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
 
 from hetero_testnet.run import protocol as P
-from hetero_testnet.exchange.aggregation import (BufferLayout, apply_average, grad_views, layout_for_model,
-                                        pack_contribution, shard_bounds, sum_of_squares)
-from hetero_testnet.model.checkpoint import load_checkpoint, save_checkpoint
 from hetero_testnet.config import RunConfig, parse_run_config
 from hetero_testnet.data.shards import open_split
 from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
 from hetero_testnet.events import format_kv
+from hetero_testnet.exchange.aggregation import layout_for_model
+from hetero_testnet.exchange.faults import NetworkFaults
 from hetero_testnet.exchange.group import GradientExchange
-from hetero_testnet.model.matformer import build_neuron_set, ffn_width, neuron_mask
+from hetero_testnet.exchange.reducer import MaskedGradientReducer
+from hetero_testnet.exchange.strategies import build_sync
+from hetero_testnet.model.checkpoint import load_checkpoint, parameter_checksum, save_checkpoint
+from hetero_testnet.model.matformer import build_neuron_masks, build_neuron_set, ffn_width
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient
+from hetero_testnet.model.optim import MaskedAdamW
 from hetero_testnet.model.train import evaluate, forward_backward
 
 log = logging.getLogger("hetero_testnet")
@@ -68,26 +68,14 @@ class ClientOptions:
     """Override the config's data location (a client on another machine)."""
     coordinator_timeout_s: float = 15.0
     connect_timeout_s: float = 20.0
-    fault_latency_ms: tuple[float, float] = (0.0, 0.0)
-    fault_bandwidth_bytes_per_s: float = 0.0
 
 
-def parameter_checksum(model: torch.nn.Module) -> str:
-    """A bit-exact fingerprint of every parameter: any changed bit changes it.
+@dataclass(frozen=True)
+class PendingUpdate:
+    """A reduced step waiting for the coordinator's Commit (or Discard): its gradient is in the buffer."""
 
-    Per parameter, the raw bits summed as int64 words (pairs of float32) and as int32 words, both
-    wrapping; hashed together with the names. Integer sums are exact and independent of thread
-    count (a float sum is neither), and they run at memory speed (~10 ms for the 20M model).
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            bits = p.detach().contiguous().view(-1).view(torch.int32)
-            even = bits[: bits.numel() // 2 * 2]
-            h.update(name.encode())
-            h.update(int(even.view(torch.int64).sum()).to_bytes(8, "little", signed=True))
-            h.update(int(bits.sum(dtype=torch.int32)).to_bytes(8, "little", signed=True))
-    return h.hexdigest()[:32]
+    step: int
+    update_masks: dict[str, torch.Tensor | None]
 
 
 class Client:
@@ -97,9 +85,8 @@ class Client:
         self.conn: P.Connection | None = None
         self.client_id: int | None = opts.client_id
         self.exchange: GradientExchange | None = None
-        self.step_state: dict[str, Any] | None = None
+        self.pending: PendingUpdate | None = None
         self.applied_step = 0
-        self.rng = random.Random()
 
     # ------------------------------------------------------------------ setup
     def connect(self) -> P.Welcome:
@@ -118,12 +105,9 @@ class Client:
 
     def setup(self, welcome: P.Welcome) -> None:
         self.client_id = welcome.client_id
-        raw = welcome.config
+        self.cfg: RunConfig = parse_run_config(welcome.config, base_dir=Path.cwd())
         if self.opts.data_dir is not None:
-            raw["model"]["LLM"]["data_location"] = {"Local": str(self.opts.data_dir)}
-            raw["validation"]["data_location"] = {"Local": str(self.opts.data_dir)}
-        self.cfg: RunConfig = parse_run_config(raw, base_dir=Path.cwd())
-        self.sync = welcome.sync
+            self.cfg = self.cfg.with_data_dir(self.opts.data_dir)
         m = self.cfg.model
         self.width = ffn_width(m.intermediate_size, self.opts.tier)
         self.device = torch.device(self.opts.device)
@@ -137,15 +121,13 @@ class Client:
             if ckpt.optimizer_state is not None:
                 self.optimizer.load_state_dict(ckpt.optimizer_state)
             self.applied_step = int(ckpt.meta.get("step", 0))
-        self.layout: BufferLayout = layout_for_model(self.model, m.num_hidden_layers, m.intermediate_size)
-        self.buffer = torch.zeros(self.layout.total_numel, dtype=torch.float32, device=self.device)
-        views = grad_views(self.buffer, self.layout)
-        for name, p in self.model.named_parameters():
-            p.grad = views[name]
         if self.exchange is None:
             self.exchange = GradientExchange(welcome.store_host, welcome.store_port, welcome.backend,
                                              self.opts.connect_timeout_s)
-        self.fault = welcome.fault or {}
+        sync = build_sync(welcome.sync, self.exchange, NetworkFaults.from_wire(welcome.fault))
+        layout = layout_for_model(self.model, m.num_hidden_layers, m.intermediate_size)
+        self.reducer = MaskedGradientReducer.for_model(self.model, layout, sync,
+                                                       max_grad_norm=self.cfg.optimizer.clip_grad_norm)
         log.info("joined run %s as client %d: tier %d, ffn width %d, %d threads", welcome.run_id,
                  self.client_id, self.opts.tier, self.width, torch.get_num_threads())
 
@@ -206,15 +188,13 @@ class Client:
             return False
 
     def _rejoin(self) -> None:
-        if self.exchange is not None:
-            self.exchange.destroy()
-        if self.conn is not None:
-            self.conn.close()
+        self._close()
         self.incarnation = uuid.uuid4().hex[:12]
         welcome = self.connect()
-        self.fault = welcome.fault or {}
+        self.reducer.strategy.faults = NetworkFaults.from_wire(welcome.fault)
 
     def _close(self) -> None:
+        """Leave the process group and the coordinator connection (both safe to repeat)."""
         if self.exchange is not None:
             self.exchange.destroy()
         if self.conn is not None:
@@ -229,7 +209,7 @@ class Client:
             self.on_commit(message)
         elif isinstance(message, P.Discard):
             log.warning("step %d discarded: %s", message.step, message.reason)
-            self.step_state = None
+            self.pending = None
         elif isinstance(message, P.Evaluate):
             self.on_evaluate(message)
         elif isinstance(message, P.SaveCheckpoint):
@@ -279,84 +259,45 @@ class Client:
                 offset += t.numel()
         self.optimizer.load_state_dict(new_opt)
 
-    def _inject_network_fault(self) -> None:
-        """Delay the exchange as a slow or distant link would: latency(+jitter) plus bytes / bandwidth."""
-        base_ms = float(self.fault.get("latency_ms", 0.0))
-        jitter_ms = float(self.fault.get("latency_jitter_ms", 0.0))
-        bw = float(self.fault.get("bandwidth_bytes_per_s", 0.0))
-        delay = base_ms / 1000.0 + (self.rng.uniform(0, jitter_ms) / 1000.0 if jitter_ms else 0.0)
-        if bw > 0:
-            delay += self.layout.total_numel * 4 / bw
-        if delay > 0:
-            time.sleep(delay)
-
     def on_round(self, r: P.Round) -> None:
         m = self.cfg.model
         neurons = build_neuron_set(m, self.opts.tier, self.opts.helper_fraction, self.opts.helper_rotation_interval,
                                    self.cfg.seed, r.step)
-        masks = torch.stack([neuron_mask(neurons, m.intermediate_size, layer)
-                             for layer in range(m.num_hidden_layers)])
+        masks = build_neuron_masks(neurons, m.intermediate_size, m.num_hidden_layers)
         t0 = time.perf_counter()
         if r.sample_count > 0:
             tokens = self.train_data.batch(r.sample_start, r.sample_count).to(self.device)
             loss, n_tokens = forward_backward(self.model, tokens, neurons, self.cfg.micro_batch_size)
             batches = r.sample_count  # the reference's "batches" are sample ids: sequences trained
         else:
-            self.buffer.zero_()
+            self.reducer.zero_grad()
             loss, n_tokens, batches = float("nan"), 0, 0
         t1 = time.perf_counter()
-        pack_contribution(self.buffer, self.layout, masks, n_tokens)
         try:
-            if self.sync == "allreduce":
-                self._inject_network_fault()
-                self.exchange.all_reduce_sum(self.buffer)
-            update_masks = apply_average(self.buffer, self.layout)
-            grad_norm = self._global_grad_norm()
-        except PeerLostError as e:
-            self.step_state = None
+            reduced = self.reducer.reduce(masks, n_tokens)
+        except PeerLostError as e:  # the buffer holds a partial sum: drop the step, never apply it
+            self.pending = None
             log.warning("step %d: exchange failed: %s", r.step, e)
             self.conn.send(P.RoundFailed(step=r.step, generation=r.generation, reason=str(e)))
             return
-        coefficient = clip_coefficient(grad_norm, self.cfg.optimizer.clip_grad_norm)
-        if coefficient < 1.0:  # NaN compares False: a diverged step is reported, never scaled
-            self.buffer[:self.layout.grad_numel].mul_(coefficient)
-        t2 = time.perf_counter()
         finite_loss = P.sanitize_float(loss)
-        nan_inf = (n_tokens > 0 and finite_loss is None) or not (grad_norm == grad_norm and grad_norm != float("inf"))
-        self.step_state = {"step": r.step, "masks": update_masks}
+        nan_inf = (n_tokens > 0 and finite_loss is None) or not math.isfinite(reduced.grad_norm)
+        self.pending = PendingUpdate(step=r.step, update_masks=reduced.update_masks)
         log.info(format_kv("client_loss", {"client_id": self.client_id, "epoch": r.epoch, "step": r.step,
                                            "matformer_tier": self.opts.tier, "trained_batches": batches,
                                            "loss": "nan" if finite_loss is None else f"{loss:.4f}"}))
         self.conn.send(P.Reduced(step=r.step, generation=r.generation, loss=finite_loss, tokens=n_tokens,
                                  trained_batches=batches, ffn_width=self.width, helper_neurons=neurons.num_helpers,
-                                 compute_time_s=t1 - t0, exchange_time_s=t2 - t1,
-                                 grad_norm=P.sanitize_float(grad_norm),
+                                 compute_time_s=t1 - t0, exchange_time_s=reduced.exchange_time_s,
+                                 grad_norm=P.sanitize_float(reduced.grad_norm),
                                  nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20))
 
-    def _global_grad_norm(self) -> float:
-        """L2 norm of the averaged gradient, bit-identical on every rank.
-
-        Each rank sums squares over its own contiguous shard in float64 and the per-rank partial
-        sums are all-reduced, so every rank adds the same numbers in the same order.
-        """
-        world = self.exchange.world_size if (self.sync == "allreduce" and self.exchange.active) else 1
-        rank = self.exchange.rank if world > 1 else 0
-        start, end = shard_bounds(self.layout.grad_numel, rank, world)
-        partial = torch.zeros(world, dtype=torch.float64, device=self.buffer.device)  # NCCL needs device tensors
-        partial[rank] = sum_of_squares(self.buffer, start, end)
-        if world > 1:
-            self.exchange.all_reduce_sum(partial)
-        total = 0.0
-        for x in partial.tolist():
-            total += x
-        return total ** 0.5
-
     def on_commit(self, c: P.Commit) -> None:
-        if self.step_state is None or self.step_state["step"] != c.step:
+        if self.pending is None or self.pending.step != c.step:
             raise RunFailedError(f"commit for step {c.step} without a reduced gradient")
         t0 = time.perf_counter()
-        self.optimizer.step(c.lr, self.step_state["masks"])
-        self.step_state = None
+        self.optimizer.step(c.lr, self.pending.update_masks)
+        self.pending = None
         self.applied_step = c.step + 1
         checksum = parameter_checksum(self.model)
         self.conn.send(P.Applied(step=c.step, checksum=checksum, apply_time_s=time.perf_counter() - t0))
