@@ -1,0 +1,130 @@
+"""Loading a run config: the Psyche layout (YAML or `state.toml`) into `RunConfig`, and finding it.
+
+Relative data paths are resolved against the directory of the config file, so a config
+directory can be moved together with its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hetero_testnet.config.fields import Fields, dataclass_from, int_tuple, location
+from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DataConfig, LRScheduleConfig, ModelConfig,
+                                          OptimizerConfig, RunConfig, RunTimingConfig)
+from hetero_testnet.errors import ConfigError
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+BUNDLED_CONFIGS_DIR = PACKAGE_DIR / "configs"
+"""The configs that ship inside the package (the checkout's `configs/` is a link to this folder)."""
+DEFAULT_CONFIG = BUNDLED_CONFIGS_DIR / "nanogpt-20m-run"
+DEFAULT_DATA_DIR = PACKAGE_DIR / "data" / "sample"
+"""The bundled token shards; a config without `data_location` trains on them."""
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The one rule for finding a config: the path as given if it exists, else the bundled config of
+    that name (`tiny`, `nanogpt-20m-run`, `experiments/smoke.yaml`; a leading `configs/`, as the
+    README writes them, is allowed). So `--config-path configs/tiny` works from any directory, in a
+    checkout and in an installed wheel alike. A path that is neither is returned unchanged (the caller
+    reports it as missing)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    bundled = BUNDLED_CONFIGS_DIR.joinpath(*parts) if parts else BUNDLED_CONFIGS_DIR
+    return bundled if parts and bundled.exists() else path
+
+
+def find_config_file(path: Path) -> Path:
+    """A config file, or the first of CONFIG_FILE_NAMES inside a directory (found by `resolve_config_path`)."""
+    path = resolve_config_path(path)
+    if path.is_dir():
+        for name in CONFIG_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(f"no {' or '.join(CONFIG_FILE_NAMES)} in config directory {path}")
+    if not path.exists():
+        raise ConfigError(f"config path {path} does not exist")
+    return path
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML config or a Psyche `state.toml` (file or directory)."""
+    file = find_config_file(Path(path))
+    text = _read_text(file)
+    try:
+        raw = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        detail = str(e).replace("\n", " ")
+        raise ConfigError(f"malformed config {file}: {detail}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {file} must be a mapping at the top level")
+    return parse_run_config(raw, base_dir=file.parent.resolve(), source=file)
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {file}: {e}") from e
+
+
+_TIMING_FIELDS = {f.name: (int if f.type in ("int", int) else float) for f in dataclasses.fields(RunTimingConfig)}
+_MODEL_FIELDS = {f.name: (int if f.type in ("int", int) else float)
+                 for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_len"}
+_LR_FIELDS = {"base_lr": float, "warmup_steps": int, "warmup_init_lr": float, "total_steps": int, "final_lr": float}
+_OPT_FIELDS = {"betas": tuple, "weight_decay": float, "eps": float, "clip_grad_norm": float}
+
+
+def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> RunConfig:
+    top = Fields(raw, "")
+    run_id = top.take("run_id", str)
+    seed = top.take("seed", int, 1337)
+    timing = dataclass_from(RunTimingConfig, top.section("config"), _TIMING_FIELDS)
+
+    model_section = top.section("model")
+    llm = model_section.section("LLM")
+    model_section.done()
+    llm.take("architecture", str, "HfNanoGPT")
+    data_type = llm.take("data_type", str, "Pretraining")
+    if data_type != "Pretraining":
+        raise ConfigError(f"config field model.LLM.data_type must be Pretraining (got {data_type!r})")
+    max_seq_len = llm.take("max_seq_len", int, 512)
+    micro_batch_size = llm.take("micro_batch_size", int, 0)
+    train_dir = location(llm, "data_location", base_dir, None)
+    train_pattern = llm.take("train_pattern", str, DataConfig.__dataclass_fields__["train_pattern"].default)
+    # Psyche's initial checkpoint: ours is built from the seed (`testnet init`), so it is read and ignored.
+    llm.section("checkpoint")
+    model = dataclass_from(ModelConfig, llm.section("architecture_config"), _MODEL_FIELDS)
+    model = dataclasses.replace(model, max_seq_len=max_seq_len)
+    lr = dataclass_from(LRScheduleConfig, llm.one_of("lr_schedule", "Cosine"), _LR_FIELDS)
+    opt = dataclass_from(OptimizerConfig, llm.one_of("optimizer", "AdamW"), _OPT_FIELDS)
+    llm.done()
+
+    val = top.section("validation")
+    if train_dir is None:
+        train_dir = DEFAULT_DATA_DIR
+    val_dir = location(val, "data_location", base_dir, None)
+    data = DataConfig(
+        train_dir=train_dir,
+        train_pattern=train_pattern,
+        val_dir=val_dir,
+        val_pattern=val.take("pattern", str, DataConfig.__dataclass_fields__["val_pattern"].default),
+        val_samples=val.take("num_samples", int, 32),
+        eval_every=val.take("eval_every", int, 0),
+        eval_tiers=int_tuple(val.take("tiers", list, []), "validation.tiers"),
+    )
+    val.done()
+    top.done()
+    return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
+                     optimizer=opt, micro_batch_size=micro_batch_size, source=source)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
