@@ -33,7 +33,6 @@ Failure semantics of `ExperimentRunner.run`:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import fcntl
 import json
@@ -50,8 +49,9 @@ from typing import Any
 
 from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
-from hetero_testnet.rundir import RunDir
-from hetero_testnet.events import EventTail
+from hetero_testnet.events import Event, EventTail
+from hetero_testnet.run.processes import last_error_line, spawn_supervised, stop
+from hetero_testnet.rundir import RunDir, append_jsonl, read_json_or_none, write_json_atomic
 from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
                                             config_fingerprint, expand, run_identity)
 
@@ -60,13 +60,14 @@ RUNS_LOG_FILE = "runs.jsonl"
 DERIVED_CONFIG_FILE = "experiment-config.yaml"
 RUN_SPEC_FILE = "experiment-run.json"
 RUNNER_OUTPUT_FILE = "runner.out"
-SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".runner.lock"
 
 _FAILED_DIR = re.compile(r"^(?P<run>.+)\.failed-(?P<n>\d+)$")
 GRACE_AFTER_TIMEOUT_S = 120.0
 SIGINT_WAIT_S = 60.0
 SIGTERM_WAIT_S = 30.0
+STOP_LADDER = ((signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S), (signal.SIGKILL, SIGTERM_WAIT_S))
+"""How a run that must end is stopped: SIGINT (a clean stop), then SIGTERM, then SIGKILL."""
 
 
 # --------------------------------------------------------------------------- specification
@@ -103,10 +104,7 @@ class PlannedAction:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    data = read_json_or_none(RunDir(run_dir).summary)
     return data if isinstance(data, dict) else None
 
 
@@ -122,7 +120,7 @@ def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path, fingerprint: 
             continue
         summary = read_summary(d)
         if summary is not None and summary.get("status") == "finished":
-            recorded = _read_json(d / RUN_SPEC_FILE)
+            recorded = read_json_or_none(d / RUN_SPEC_FILE)
             wanted = run_identity(r, fingerprint)
             if recorded is not None and recorded != wanted:
                 changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
@@ -248,29 +246,26 @@ class ExperimentRunner:
         moved = None
         if run_dir.exists():
             moved = move_aside(run_dir)
-            _append_jsonl(exp / RUNS_LOG_FILE, {"event": "moved_aside", "run": run.name, "to": moved.name,
+            _log_attempt(exp / RUNS_LOG_FILE, {"event": "moved_aside", "run": run.name, "to": moved.name,
                                                 "detail": action.detail})
         run_dir.mkdir(parents=True)
         (run_dir / RUN_SPEC_FILE).write_text(json.dumps(run_identity(run, fingerprint), indent=2) + "\n")
         cmd = self._command(run, config_path)
-        _append_jsonl(exp / RUNS_LOG_FILE, {"event": "run_started", "run": run.name, "label": run.label,
+        _log_attempt(exp / RUNS_LOG_FILE, {"event": "run_started", "run": run.name, "label": run.label,
                                             "seed": run.seed, "command": cmd})
         self.observer.run_started(run, index, total)
         t0 = time.monotonic()
         code, forced = None, None
         interrupted = False
-        with open(run_dir / RUNNER_OUTPUT_FILE, "ab") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=_own_session_dying_with_parent,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            try:
-                code, forced = self._wait(proc, run, run_dir, t0)
-            except KeyboardInterrupt:
-                interrupted = True
-                code = _stop(proc, [(signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S),
-                                    (signal.SIGKILL, SIGTERM_WAIT_S)])
+        proc = spawn_supervised(cmd, log_path=run_dir / RUNNER_OUTPUT_FILE,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code, forced = self._wait(proc, run, run_dir, t0)
+        except KeyboardInterrupt:
+            interrupted = True
+            code = stop(proc, STOP_LADDER, ctrl_c_escalates=True)
         outcome = self._outcome(run, run_dir, code, forced, interrupted, time.monotonic() - t0, moved)
-        _append_jsonl(exp / RUNS_LOG_FILE, {"event": "run_ended", "run": run.name, "label": run.label,
+        _log_attempt(exp / RUNS_LOG_FILE, {"event": "run_ended", "run": run.name, "label": run.label,
                                             "seed": run.seed, "status": outcome.status, "exit_code": code,
                                             "reason": outcome.reason, "wall_s": round(outcome.wall_s, 3)})
         self.observer.run_ended(outcome)
@@ -291,8 +286,7 @@ class ExperimentRunner:
                 pass
             steps = self._count_steps(tail, run, steps)
             if time.monotonic() > deadline:
-                code = _stop(proc, [(signal.SIGINT, SIGINT_WAIT_S), (signal.SIGTERM, SIGTERM_WAIT_S),
-                                    (signal.SIGKILL, SIGTERM_WAIT_S)])
+                code = stop(proc, STOP_LADDER, ctrl_c_escalates=True)
                 return code, f"no exit within run_timeout_s {self.spec.run_timeout_s:g} s + " \
                              f"{self.grace_s:g} s grace; stopped by signal"
         self._count_steps(tail, run, steps)
@@ -301,7 +295,7 @@ class ExperimentRunner:
     def _count_steps(self, tail: EventTail, run: PlannedRun, steps: int) -> int:
         new = steps
         for e in tail.poll():
-            if e.get("event") == "step_committed" and isinstance(e.get("step"), int):
+            if e.get("event") == Event.STEP_COMMITTED and isinstance(e.get("step"), int):
                 new = max(new, e["step"] + 1)
         if new != steps:
             self.observer.steps_done(run, new)
@@ -319,7 +313,7 @@ class ExperimentRunner:
         elif code == 0 and s_status == "finished":
             status, reason = "finished", s_reason or "finished"
         elif code == 2:
-            status, reason = "bad_input", s_reason or _last_line(run_dir / RUNNER_OUTPUT_FILE) or "exit code 2"
+            status, reason = "bad_input", s_reason or last_error_line(run_dir / RUNNER_OUTPUT_FILE) or "exit code 2"
         elif s_status == "interrupted" or code == 130:
             status = "timeout"
             reason = f"stopped early ({s_reason or 'exit code 130'}); run_timeout_s is {self.spec.run_timeout_s:g} s"
@@ -346,38 +340,10 @@ def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, f
                             "sync": c.sync, "seeds": list(c.seeds)} for c in spec.configurations],
         "runs": [r.to_dict() for r in expand(spec)],
     }
-    _write_json_atomic(experiment_dir / MANIFEST_FILE, manifest)
+    write_json_atomic(experiment_dir / MANIFEST_FILE, manifest)
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _own_session_dying_with_parent() -> None:
-    """Runs in the child before exec: its own session (a terminal Ctrl-C reaches only the runner,
-    which forwards it), and SIGTERM if the runner dies (the launcher then takes its processes along)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _stop(proc: subprocess.Popen, ladder: list[tuple[int, float]]) -> int:
-    """Send each signal in turn until the process exits; every wait bounded. Returns the exit code."""
-    for sig, wait_s in ladder:
-        if proc.poll() is not None:
-            break
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        except KeyboardInterrupt:  # a second Ctrl-C: escalate at once
-            continue
-    return proc.returncode if proc.returncode is not None else -signal.SIGKILL
-
 
 class _exclusive_lock:
     """Only one `experiment run` per experiment directory at a time (flock; released on exit)."""
@@ -402,32 +368,6 @@ class _exclusive_lock:
             os.close(self.fd)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    line = json.dumps({"ts": time.time(), **record}, default=str) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _last_line(path: Path) -> str | None:
-    """Last non-empty line of a run's captured output, shown to humans only (never parsed)."""
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
-    return lines[-1].strip() if lines else None
+def _log_attempt(path: Path, record: dict[str, Any]) -> None:
+    """One line of `runs.jsonl`, stamped with the time."""
+    append_jsonl(path, {"ts": time.time(), **record})

@@ -1,14 +1,17 @@
 """The coordinator: the run's control plane. It never touches a tensor.
 
 It owns the run state machine (the reference's WaitingForMembers -> Warmup -> (RoundTrain ->
-RoundWitness)* -> Cooldown -> Finished), membership and generations, the step counter and LR,
-per-round data assignment, and the commit of every step. It is event-driven: a round closes as
-soon as every member has reported, and the configured times are deadlines for stragglers.
+RoundWitness)* -> Cooldown -> Finished), generations, the step counter and LR, per-round data
+assignment, and the commit of every step. It is event-driven: a round closes as soon as every
+member has reported, and the configured times are deadlines for stragglers. Around it:
+`membership` (who is in), `schedule` and `assignment` (pure decisions), `records` (what members
+report after a step), `summary` (`RunTotals` -> summary.json).
 
 Failure semantics (torchft's voted commit):
 - A step is applied by every member or by none. A member that disconnects, reports a failed
   collective, or misses the round deadline makes the coordinator send `Discard` to the others;
-  the data index does not advance, so the same samples are assigned again.
+  the data index does not advance, so the same samples are assigned again. After
+  MAX_CONSECUTIVE_DISCARDS discards of one step in a row the run fails.
 - After a discard the survivors form a new generation (fresh store prefix). Below `min_clients`
   the run waits for members up to `waiting_for_members_timeout`, then fails with a reason.
 - A client that joins (or rejoins) mid-run enters at the next step boundary: the new generation
@@ -22,142 +25,96 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import signal
-import socket
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
+from hetero_testnet.config import RunConfig
+from hetero_testnet.errors import RunAborted
+from hetero_testnet.events import Event, EventWriter, RunState
+from hetero_testnet.model.optim import lr_at
 from hetero_testnet.run import protocol as P
 from hetero_testnet.run.assignment import assign_samples
-from hetero_testnet.config import RunConfig
-from hetero_testnet.errors import ConfigError, HeteroTestnetError, ProtocolError, RunAborted
-from hetero_testnet.events import EventWriter
+from hetero_testnet.run.inbox import Inbox
 from hetero_testnet.run.membership import Member, Membership
-from hetero_testnet.model.optim import lr_at
+from hetero_testnet.run.plan import CoordinatorOptions
+from hetero_testnet.run.records import StepRecords
 from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
-from hetero_testnet.run.summary import build_summary, write_json_atomic
-from hetero_testnet.run.step_metrics import loss_by_tier, witness_line, witness_metrics
+from hetero_testnet.run.step_metrics import loss_by_tier
+from hetero_testnet.run.summary import RunTotals
+from hetero_testnet.rundir import RunDir
 
 log = logging.getLogger("hetero_testnet")
 
-PING_INTERVAL_S = 2.0
-HANG_TIMEOUT_S = 5.0
-"""A member silent this long (no heartbeat) is hung, e.g. SIGSTOPped, and is dropped."""
-JOINED = P.Ping(state="joined")
-"""Queued (never sent) when a client is admitted, so waits re-check membership at once."""
-READY_FILE = "coordinator.json"
-SUMMARY_FILE = "summary.json"
+HANG_CHECK_INTERVAL_S = 1.0
+"""How often a wait for replies looks for hung members."""
+COOLDOWN_FLOOR_S = 10.0
+"""The cooldown waits at least this long (plus a round's deadline) for final checksums, evals and the save."""
+MAX_CONSECUTIVE_DISCARDS = 5
+"""The run fails when one step is discarded this many times in a row (retries are bounded)."""
 
 
 @dataclass
-class CoordinatorOptions:
-    run_dir: Path
-    token: str
-    host: str = "127.0.0.1"
-    port: int = 20000
-    expected_clients: int = 0
-    """Start as soon as this many clients joined (0 = init_min_clients, plus the extra time)."""
-    sync: str = "allreduce"
-    backend: str = "gloo"
-    min_clients: int | None = None
-    checkpoint_every: int = 0
-    resume_checkpoint: Path | None = None
-    start_step: int = 0
-    start_data_index: int = 0
-    fault: dict[str, Any] = field(default_factory=dict)
-    listen_fd: int | None = None
-    """An already listening socket inherited from the launcher (so clients can start at once)."""
+class Gathered:
+    """What `Coordinator._gather` collected, and why it stopped early (if it did)."""
+
+    replies: dict[int, Any]
+    """client id -> the reply accepted from it."""
+    failure: str | None = None
+    """Why the wait failed: the generation broke, a member hung, or a member reported a failure."""
+    timed_out: bool = False
+    late: list[Member] = field(default_factory=list)
+    """At a timeout: the live members without a reply (the caller drops them, with its reason)."""
 
 
 class Coordinator:
+    """One run's state machine; `run/serving.py` runs it in its process (listening, signals, the end)."""
+
     def __init__(self, config: RunConfig, options: CoordinatorOptions) -> None:
         self.cfg = config
         self.opts = options
-        self.t = config.timing
-        self.min_clients = options.min_clients or self.t.min_clients
-        self.init_min_clients = max(self.min_clients, self.t.init_min_clients if options.min_clients is None
+        self.timing = config.timing
+        self.files = RunDir(options.run_dir)
+        self.min_clients = options.min_clients or self.timing.min_clients
+        self.init_min_clients = max(self.min_clients, self.timing.init_min_clients if options.min_clients is None
                                     else options.min_clients)
-        self.events = EventWriter(options.run_dir / "events.jsonl", run_id=config.run_id, role="coordinator")
-        self.queue: asyncio.Queue[tuple[Member | None, P.Message | None]] = asyncio.Queue()
-        self.state = "Uninitialized"
-        self.state_since = time.time()
+        self.events = EventWriter(self.files.events, run_id=config.run_id, role="coordinator")
+        self.state = RunState.UNINITIALIZED
         self.epoch = 0
         self.epoch_started = time.time()
-        self.step = options.start_step
-        self.data_index = options.start_data_index
-        self.tokens_seen = options.start_data_index * config.model.max_seq_len
-        self.generation = -1
+        self.totals = RunTotals(step=options.start_step, data_index=options.start_data_index,
+                                tokens_seen=options.start_data_index * config.model.max_seq_len)
         self.generation_members: list[int] = []
-        self.generation_broken: str | None = None
         self.reduced: dict[int, P.Reduced] = {}
-        self.applied: dict[int, dict[int, str]] = defaultdict(dict)
-        self.pending_metrics: dict[tuple[int, int], dict[str, Any]] = {}
-        self.eval_results: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        self.saved: dict[int, P.Saved] = {}
-        self.val_losses: dict[str, float] = {}
-        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.records = StepRecords(self.events, self.totals, sync=options.sync)
         self.membership = Membership(token=options.token, intermediate_size=config.model.intermediate_size,
-                                     events=self.events, counters=self.counters)
-        self.started = time.time()
-        self.train_time_s = 0.0
-        self.tokens_trained = 0
-        self.replicas_identical = True
-        self.lost_time_s = 0.0
+                                     events=self.events, counters=self.totals.counters)
+        self.inbox = Inbox(membership=self.membership, records=self.records, events=self.events, admit=self._admit,
+                           on_lost=lambda member, reason: self.membership.mark_lost(member, reason,
+                                                                                    step=self.totals.step))
         self.consecutive_discards = 0
-        self.stop_reason: str | None = None
         self.paused = False
+        self.store: Any = None
+        self.store_host, self.store_port = "", 0
+        """The TCPStore every generation's process group meets at (started by `serving.serve`)."""
 
     # ------------------------------------------------------------------ plumbing
-    def set_state(self, new: str) -> None:
+    def set_state(self, new: RunState) -> None:
         if new == self.state:
             return
-        log.info("applying state epoch %d step %d (%s -> %s)", self.epoch, self.step, self.state, new)
-        self.events.emit("state", step=self.step, log=False, epoch=self.epoch, old=self.state, new=new)
-        self.state, self.state_since = new, time.time()
-
-    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        member: Member | None = None
-        try:
-            hello = await asyncio.wait_for(P.read_message(reader), timeout=10.0)
-            member = self._admit(hello, writer, peer)
-            if member is None:
-                await writer.drain()
-                writer.close()
-                return
-            while True:
-                message = await P.read_message(reader)
-                member.last_seen = time.monotonic()
-                if not isinstance(message, P.Heartbeat):
-                    await self.queue.put((member, message))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError) as e:
-            if member is None:
-                log.info("connection from %s closed before hello: %s", peer, type(e).__name__)
-        except ProtocolError as e:
-            self.events.emit("protocol_error", level=logging.WARNING, peer=str(peer), reason=str(e))
-        except asyncio.CancelledError:
-            return  # the loop is shutting down; the member is reported by the run's end
-        finally:
-            if member is not None:
-                await self.queue.put((member, None))
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 - closing a dead transport
-                pass
+        log.info("applying state epoch %d step %d (%s -> %s)", self.epoch, self.totals.step, self.state, new)
+        self.events.emit(Event.STATE, step=self.totals.step, log=False, epoch=self.epoch, old=self.state, new=new)
+        self.state = new
 
     def _admit(self, hello: P.Message, writer: asyncio.StreamWriter, peer: Any) -> Member | None:
-        closed = f"the run is in state {self.state}" if self.state in ("Cooldown", "Finished") else None
         # Until a step is committed, every client holds the start state (seed or resumed checkpoint).
-        member = self.membership.admit(hello, writer, peer, step=self.step, closed_reason=closed,
-                                       holds_current_state=self.step == self.opts.start_step,
-                                       on_replaced=lambda old: self._mark_lost(old, "replaced by a new connection "
-                                                                                "with the same client id"))
+        member = self.membership.admit(hello, writer, peer, step=self.totals.step, run_state=self.state,
+                                       holds_current_state=self.totals.step == self.opts.start_step,
+                                       on_replaced=lambda old: self.membership.mark_lost(
+                                           old, "replaced by a new connection with the same client id",
+                                           step=self.totals.step))
         if member is None:
             return None
         writer.write(P.encode(P.Welcome(
@@ -166,18 +123,7 @@ class Coordinator:
             sync=self.opts.sync,
             initial_checkpoint=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None,
             fault=self.opts.fault)))
-        self.queue.put_nowait((member, JOINED))
         return member
-
-    def _mark_lost(self, member: Member, reason: str) -> None:
-        if self.membership.mark_lost(member, reason, step=self.step):
-            self.generation_broken = self.generation_broken or f"client {member.client_id} lost: {reason}"
-
-    def _drop(self, member: Member, reason: str) -> None:
-        """Remove a live but unresponsive client; it may rejoin when it wakes up."""
-        member.send(P.Dropped(reason=reason))
-        self.membership.counters["clients_dropped"] += 1
-        self._mark_lost(member, f"dropped: {reason}")
 
     @property
     def members(self) -> dict[int, Member]:
@@ -186,240 +132,169 @@ class Coordinator:
     def alive_members(self) -> list[Member]:
         return self.membership.alive()
 
-    def _handle_background(self, member: Member, message: P.Message) -> bool:
-        """Messages that may arrive in any state. Returns True when handled."""
-        if isinstance(message, P.Applied):
-            self.applied[message.step][member.client_id] = message.checksum
-            metrics = self.pending_metrics.pop((message.step, member.client_id), {})
-            self.events.emit("client_step", client_id=member.client_id, step=message.step, log=False,
-                             checksum=message.checksum, apply_time_s=message.apply_time_s, **metrics)
-            self._verify_replicas(message.step)
-            return True
-        if isinstance(message, P.EvalResult):
-            for r in message.results:
-                r = {**r, "client_id": member.client_id}
-                self.eval_results[message.step].append(r)
-                self.events.emit("eval", step=message.step, **r)
-            return True
-        if isinstance(message, P.Saved):
-            self.saved[message.step] = message
-            self.events.emit("checkpoint_saved", client_id=member.client_id, step=message.step,
-                             path=message.path, checksum=message.checksum)
-            return True
-        return False
+    async def _gather(self, members: list[Member], accept: Callable[[Member, Any], bool | str],
+                      deadline: float) -> Gathered:
+        """Wait until each of `members` has sent a reply, the wait fails, or `deadline` (monotonic) passes.
 
-    def _verify_replicas(self, step: int) -> None:
-        if self.opts.sync != "allreduce":
-            return
-        sums = self.applied[step]
-        if len(set(sums.values())) > 1:
-            self.replicas_identical = False
-            detail = ", ".join(f"client {c}={s[:12]}" for c, s in sorted(sums.items()))
-            self.events.emit("replica_mismatch", level=logging.ERROR, step=step, checksums=sums)
-            raise RunAborted(f"replicas diverged after step {step}: {detail}")
-
-    async def next_message(self, deadline: float) -> tuple[Member, P.Message] | None:
-        """Next message from a live member before `deadline` (monotonic), else None.
-
-        Background messages (checksums, evals, saves) are recorded here and returned too, so every
-        wait re-checks its condition after each of them; callers ignore what they do not wait for.
-        Disconnects mark the member lost and are not returned.
+        `accept(member, message)` returns True for a reply (kept by client id), a reason for a message
+        that fails the wait (a `RoundFailed`), and False for anything else. It returns early when:
+        - the generation broke (a member was lost or replaced): `failure` is `membership.broken`;
+        - a member sent nothing, not even a heartbeat, for `membership.HANG_TIMEOUT_S`: it is
+          dropped (it may rejoin) and `failure` names it; the others may be blocked in a collective
+          with it, not hung;
+        - `accept` returned a reason: that is the `failure`;
+        - the deadline passed: `timed_out`, and `late` lists the live members without a reply, for
+          the caller to drop with its own reason.
+        The replies are complete only when none of these happened; the caller must not commit otherwise.
         """
-        while True:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return None
-            try:
-                member, message = await asyncio.wait_for(self.queue.get(), timeout)
-            except asyncio.TimeoutError:
-                return None
-            if self.stop_reason:
-                raise RunAborted(self.stop_reason, status="interrupted")
-            if member is None:
-                continue
-            if message is None:
-                if member.alive and self.members.get(member.client_id) is member:
-                    self._mark_lost(member, "connection closed")
-                continue
-            if not member.alive:
-                continue
-            if message is not JOINED:
-                self._handle_background(member, message)
-            return member, message
+        replies: dict[int, Any] = {}
+        while len(replies) < len(members):
+            if self.membership.broken:
+                return Gathered(replies, failure=self.membership.broken)
+            waiting = [m for m in members if m.client_id not in replies]
+            hung = self.membership.drop_hung(waiting, step=self.totals.step)
+            if hung:
+                return Gathered(replies, failure=hung)
+            item = await self.inbox.next_message(min(deadline, time.monotonic() + HANG_CHECK_INTERVAL_S))
+            if item is None:
+                if time.monotonic() < deadline:
+                    continue
+                return Gathered(replies, timed_out=True, late=[m for m in waiting if m.alive])
+            member, message = item
+            verdict = accept(member, message)
+            if verdict is True:
+                replies[member.client_id] = message
+            elif verdict:
+                return Gathered(replies, failure=verdict)
+        return Gathered(replies)
 
     # ------------------------------------------------------------------ phases
     async def wait_for_members(self) -> None:
-        self.set_state("WaitingForMembers")
-        first = self.generation < 0
-        need = self.init_min_clients if first else self.min_clients
-        expected = self.opts.expected_clients if first else 0
-        deadline = time.monotonic() + self.t.waiting_for_members_timeout
-        enough_since: float | None = None
-        while True:
-            alive = len(self.alive_members())
-            if alive >= max(need, expected) and (expected or not first):
-                return
-            if alive >= need:
-                enough_since = enough_since or time.monotonic()
-                if time.monotonic() - enough_since >= self.t.waiting_for_members_extra_time:
-                    return
-            elif enough_since is not None:
-                enough_since = None
-            wait_until = min(deadline, (enough_since + self.t.waiting_for_members_extra_time)
-                             if enough_since else deadline)
-            item = await self.next_message(wait_until)
-            if item is None and time.monotonic() >= deadline:
-                raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected "
-                                 f"after waiting {self.t.waiting_for_members_timeout:.0f} s")
+        """WaitingForMembers: the first time, the expected clients (or enough plus the extra time);
+        later, `min_clients`. Raises RunAborted after `waiting_for_members_timeout` with too few."""
+        self.set_state(RunState.WAITING_FOR_MEMBERS)
+        first = self.totals.generation < 0
+        await self.inbox.wait_for_members(need=self.init_min_clients if first else self.min_clients,
+                                          expected=self.opts.expected_clients if first else 0, first=first,
+                                          timeout_s=self.timing.waiting_for_members_timeout,
+                                          extra_time_s=self.timing.waiting_for_members_extra_time)
 
     async def form_generation(self) -> None:
-        self.set_state("Warmup")
+        """Warmup: a process group of every live member, retried with the survivors until one forms."""
+        self.set_state(RunState.WARMUP)
+        step = self.totals.step  # no step is committed while a group forms
         while True:
             members = sorted(self.alive_members(), key=lambda m: m.client_id)
             if len(members) < self.min_clients:
                 await self.wait_for_members()
                 continue
-            self.generation += 1
-            self.generation_broken = None
-            ids = [m.client_id for m in members]
-            holders = [r for r, m in enumerate(members) if m.state_step == self.step]
-            if not holders:
-                raise RunAborted(f"no connected client holds the state of step {self.step}")
-            needs_state = len(holders) < len(members)
-            source = holders[0] if needs_state else None
-            timeout_s = self.t.max_round_train_time
-            for rank, m in enumerate(members):
-                m.in_generation = True
-                m.send(P.Generation(generation=self.generation, rank=rank, world_size=len(members), members=ids,
-                                    step=self.step, state_source_rank=source, timeout_s=timeout_s))
-            self.generation_members = ids
-            self.events.emit("generation", step=self.step, generation=self.generation, members=ids,
-                             state_source=ids[source] if source is not None else None)
-            ready: dict[int, P.GroupReady] = {}
-            deadline = time.monotonic() + self.t.warmup_time + timeout_s
-            while len(ready) < len(members) and not self.generation_broken:
-                hung = self._hung([m for m in members if m.client_id not in ready])
-                if hung:
-                    self.generation_broken = self._drop_hung(hung)
-                    break
-                item = await self.next_message(min(deadline, time.monotonic() + 1.0))
-                if item is None and time.monotonic() < deadline:
-                    continue
-                if item is None:
-                    late = [m for m in members if m.client_id not in ready]
-                    for m in late:
-                        self._drop(m, f"did not join generation {self.generation} in time")
-                    break
-                member, message = item
-                if isinstance(message, P.GroupReady) and message.generation == self.generation:
-                    ready[member.client_id] = message
-                elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
-                    self.generation_broken = f"client {member.client_id}: {message.reason}"
-            if self.generation_broken or len(ready) < len(members):
-                self.events.emit("generation_failed", level=logging.WARNING, step=self.step,
-                                 generation=self.generation,
-                                 reason=self.generation_broken or "timeout")
+            self._announce_generation(members)
+            gathered = await self._gather(members, self._group_ready, time.monotonic() + self.timing.warmup_time
+                                          + self.timing.max_round_train_time)
+            if gathered.failure:
+                self.membership.broken = gathered.failure
+            for m in gathered.late:
+                self.membership.drop(m, f"did not join generation {self.totals.generation} in time", step=step)
+            if self.membership.broken or len(gathered.replies) < len(members):
+                self.events.emit(Event.GENERATION_FAILED, level=logging.WARNING, step=step,
+                                 generation=self.totals.generation, reason=self.membership.broken or "timeout")
                 continue
-            sums = {c: r.checksum for c, r in ready.items()}
+            sums = {c: r.checksum for c, r in gathered.replies.items()}
             if self.opts.sync == "allreduce" and len(set(sums.values())) > 1:
-                raise RunAborted(f"replicas differ after forming generation {self.generation}: {sums}")
+                raise RunAborted(f"replicas differ after forming generation {self.totals.generation}: {sums}")
             for m in members:
-                m.state_step = self.step
+                m.state_step = step
             return
 
-    def current_batch_size(self) -> int:
-        return self.t.global_batch_size(self.tokens_seen)
+    def _announce_generation(self, members: list[Member]) -> None:
+        """Start generation g+1: tell each member its rank and who broadcasts the current state."""
+        step = self.totals.step
+        self.totals.generation += 1
+        self.membership.broken = None
+        ids = [m.client_id for m in members]
+        holders = [rank for rank, m in enumerate(members) if m.state_step == step]
+        if not holders:
+            raise RunAborted(f"no connected client holds the state of step {step}")
+        source = holders[0] if len(holders) < len(members) else None
+        for rank, m in enumerate(members):
+            m.in_generation = True
+            m.send(P.Generation(generation=self.totals.generation, rank=rank, world_size=len(members), members=ids,
+                                step=step, state_source_rank=source, timeout_s=self.timing.max_round_train_time))
+        self.generation_members = ids
+        self.events.emit(Event.GENERATION, step=step, generation=self.totals.generation, members=ids,
+                         state_source=ids[source] if source is not None else None)
+
+    def _group_ready(self, member: Member, message: Any) -> bool | str:
+        if isinstance(message, P.GroupReady) and message.generation == self.totals.generation:
+            return True
+        if isinstance(message, P.RoundFailed) and message.generation == self.totals.generation:
+            return f"client {member.client_id}: {message.reason}"
+        return False
 
     async def train_round(self) -> bool:
-        """One step. True if committed, False if discarded (the caller re-forms the group)."""
-        self.set_state("RoundTrain")
+        """RoundTrain: one step. True if committed, False if discarded (the caller re-forms the group)."""
+        self.set_state(RunState.ROUND_TRAIN)
+        step = self.totals.step
         members = [self.members[c] for c in self.generation_members]
-        batch = self.current_batch_size()
-        ranges = assign_samples(self.generation_members, batch, self.data_index, seed=self.cfg.seed,
-                                step=self.step)
-        lr = lr_at(self.step, self.cfg.lr_schedule)
+        batch = self.timing.global_batch_size(self.totals.tokens_seen)
+        ranges = assign_samples(self.generation_members, batch, self.totals.data_index, seed=self.cfg.seed, step=step)
+        lr = lr_at(step, self.cfg.lr_schedule)
         t0 = time.monotonic()
         for m in members:
             r = ranges[m.client_id]
-            m.send(P.Round(step=self.step, epoch=self.epoch, generation=self.generation, lr=lr,
+            m.send(P.Round(step=step, epoch=self.epoch, generation=self.totals.generation, lr=lr,
                            sample_start=r.start, sample_count=r.count))
-        self.reduced = {}
-        deadline = t0 + self.t.max_round_train_time
-        failure: str | None = None
-        while len(self.reduced) < len(members):
-            if self.generation_broken:
-                failure = self.generation_broken
-                break
-            hung = self._hung([m for m in members if m.client_id not in self.reduced])
-            if hung:
-                failure = self._drop_hung(hung)
-                break
-            item = await self.next_message(min(deadline, time.monotonic() + 1.0))
-            if item is None:
-                if time.monotonic() < deadline:
-                    continue
-                late = [m for m in members if m.client_id not in self.reduced and m.alive]
-                failure = f"round deadline ({self.t.max_round_train_time:.0f} s) missed by client(s) " + \
-                          ", ".join(str(m.client_id) for m in late)
-                for m in late:
-                    self._drop(m, f"missed the round deadline at step {self.step}")
-                break
-            member, message = item
-            if isinstance(message, P.Reduced) and message.step == self.step:
-                self.reduced[member.client_id] = message
-                self.events.emit("client_reduced", client_id=member.client_id, step=self.step, log=False,
-                                 loss=message.loss, compute_time_s=round(message.compute_time_s, 6),
-                                 exchange_time_s=round(message.exchange_time_s, 6))
-                self._log_witness(member, message, lr)
-            elif isinstance(message, P.RoundFailed) and message.generation == self.generation:
-                failure = f"client {member.client_id} failed step {self.step}: {message.reason}"
-                break
-        if failure is None:
-            if any(r.grad_norm is None or not math.isfinite(r.grad_norm) for r in self.reduced.values()):
-                self.counters["nan_inf_steps"] += 1
-                failure = f"non-finite gradient at step {self.step}"
+        gathered = await self._gather(members, lambda m, message: self._reduced(m, message, step, lr),
+                                      t0 + self.timing.max_round_train_time)
+        self.reduced = gathered.replies
+        failure = gathered.failure
+        if gathered.timed_out:
+            failure = (f"round deadline ({self.timing.max_round_train_time:.0f} s) missed by client(s) "
+                       + ", ".join(str(m.client_id) for m in gathered.late))
+            for m in gathered.late:
+                self.membership.drop(m, f"missed the round deadline at step {step}", step=step)
+        if failure is None and any(r.grad_norm is None or not math.isfinite(r.grad_norm)
+                                   for r in self.reduced.values()):
+            self.totals.counters["nan_inf_steps"] += 1
+            failure = f"non-finite gradient at step {step}"
         if failure is not None:
             self.discard(failure, time.monotonic() - t0)
             return False
         self.commit(lr, batch, time.monotonic() - t0)
         return True
 
-    def _hung(self, members: list[Member]) -> list[Member]:
-        return self.membership.hung(members, HANG_TIMEOUT_S)
-
-    def _drop_hung(self, hung: list[Member]) -> str:
-        """Drop silent members; the others may be blocked in a collective with them, not hung."""
-        for m in hung:
-            self._drop(m, f"no heartbeat for {HANG_TIMEOUT_S:.0f} s at step {self.step}")
-        return "client(s) " + ", ".join(str(m.client_id) for m in hung) + " stopped responding"
-
-    def _log_witness(self, member: Member, r: P.Reduced, lr: float) -> None:
-        log.info("%s", witness_line(member.client_id, member.tier, r))
-        if r.nan_inf:
-            member.nan_inf += 1
-        self.pending_metrics[(r.step, member.client_id)] = witness_metrics(r, tier=member.tier, epoch=self.epoch,
-                                                                           lr=lr)
+    def _reduced(self, member: Member, message: Any, step: int, lr: float) -> bool | str:
+        """A member's `Reduced` for this step (recorded as its witness), or its failure."""
+        if isinstance(message, P.Reduced) and message.step == step:
+            self.records.witness(member, message, epoch=self.epoch, lr=lr)
+            return True
+        if isinstance(message, P.RoundFailed) and message.generation == self.totals.generation:
+            return f"client {member.client_id} failed step {step}: {message.reason}"
+        return False
 
     def discard(self, reason: str, elapsed: float) -> None:
-        self.counters["discarded_steps"] += 1
+        """Tell the generation to drop the step; raises RunAborted after too many in a row."""
+        step = self.totals.step
+        self.totals.counters["discarded_steps"] += 1
         self.consecutive_discards += 1
-        self.lost_time_s += elapsed
-        self.events.emit("step_discarded", level=logging.WARNING, step=self.step, reason=reason,
-                         generation=self.generation)
+        self.totals.lost_time_s += elapsed
+        self.events.emit(Event.STEP_DISCARDED, level=logging.WARNING, step=step, reason=reason,
+                         generation=self.totals.generation)
         for c in self.generation_members:
             m = self.members[c]
             if m.alive:
-                m.send(P.Discard(step=self.step, reason=reason))
+                m.send(P.Discard(step=step, reason=reason))
                 m.in_generation = False
-        for key in [k for k in self.pending_metrics if k[0] == self.step]:
-            del self.pending_metrics[key]
-        if self.consecutive_discards >= 5:
-            raise RunAborted(f"step {self.step} was discarded 5 times in a row; last reason: {reason}")
+        self.records.forget_step(step)
+        if self.consecutive_discards >= MAX_CONSECUTIVE_DISCARDS:
+            raise RunAborted(f"step {step} was discarded {MAX_CONSECUTIVE_DISCARDS} times in a row; "
+                             f"last reason: {reason}")
 
     def commit(self, lr: float, batch: int, elapsed: float) -> None:
-        self.set_state("RoundWitness")
+        """RoundWitness: every member applies the step; the step and data index advance."""
+        self.set_state(RunState.ROUND_WITNESS)
         self.consecutive_discards = 0
-        step = self.step
+        totals, step = self.totals, self.totals.step
         for c in self.generation_members:
             m = self.members[c]
             m.send(P.Commit(step=step, lr=lr))
@@ -427,16 +302,16 @@ class Coordinator:
             m.steps_trained += 1
             m.last_loss = self.reduced[c].loss
         tokens = sum(r.tokens for r in self.reduced.values())
-        self.tokens_trained += tokens
-        self.tokens_seen += batch * self.cfg.model.max_seq_len
-        self.train_time_s += elapsed
+        totals.tokens_trained += tokens
+        totals.tokens_seen += batch * self.cfg.model.max_seq_len
+        totals.train_time_s += elapsed
         tiers = {c: self.members[c].tier for c in self.reduced}
-        self.events.emit("step_committed", step=step, epoch=self.epoch, generation=self.generation, lr=lr,
+        self.events.emit(Event.STEP_COMMITTED, step=step, epoch=self.epoch, generation=totals.generation, lr=lr,
                          loss_by_tier=loss_by_tier(self.reduced, tiers), tokens=tokens, step_wall_s=round(elapsed, 6),
                          tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
-                         members=self.generation_members, total_steps=self.t.total_steps, log=False)
-        self.step += 1
-        self.data_index += batch
+                         members=self.generation_members, total_steps=self.timing.total_steps, log=False)
+        totals.step += 1
+        totals.data_index += batch
 
     def request_eval(self) -> int:
         """Ask the current generation to validate; returns how many results to expect."""
@@ -445,45 +320,49 @@ class Coordinator:
                                  (m.tier for m in self.members.values()))
         plan = plan_validation(members, self.opts.sync, tiers)
         for m, mine in plan:
-            m.send(P.Evaluate(step=self.step, tiers=mine))
+            m.send(P.Evaluate(step=self.totals.step, tiers=mine))
         return sum(len(mine) for _, mine in plan)
 
     def request_checkpoint(self, path: Path) -> None:
         source = self.members[self.generation_members[0]]
-        meta = {"step": self.step, "data_index": self.data_index, "epoch": self.epoch,
-                "tokens_seen": self.tokens_seen, "run_id": self.cfg.run_id, "seed": self.cfg.seed}
-        source.send(P.SaveCheckpoint(step=self.step, path=str(path), meta=meta))
+        t = self.totals
+        meta = {"step": t.step, "data_index": t.data_index, "epoch": self.epoch,
+                "tokens_seen": t.tokens_seen, "run_id": self.cfg.run_id, "seed": self.cfg.seed}
+        source.send(P.SaveCheckpoint(step=t.step, path=str(path), meta=meta))
 
-    async def drain_until(self, predicate, deadline: float) -> None:
+    async def drain_until(self, predicate: Callable[[], bool], deadline: float) -> None:
         """Process background messages (evals, saves, checksums) until predicate() or the deadline."""
         while not predicate():
-            if await self.next_message(deadline) is None:
+            if await self.inbox.next_message(deadline) is None:
                 return
 
     async def cooldown(self) -> None:
-        self.set_state("Cooldown")
-        final_step = self.step
-        deadline = time.monotonic() + max(self.t.cooldown_time, 10.0) + self.t.max_round_train_time
+        """Cooldown: the last checksums, a final validation and the final checkpoint, within a deadline."""
+        self.set_state(RunState.COOLDOWN)
+        final_step = self.totals.step
+        deadline = (time.monotonic() + max(self.timing.cooldown_time, COOLDOWN_FLOOR_S)
+                    + self.timing.max_round_train_time)
         expected_sums = len([c for c in self.generation_members if self.members[c].alive])
-        await self.drain_until(lambda: len(self.applied[final_step - 1]) >= expected_sums, deadline)
+        await self.drain_until(lambda: len(self.records.applied[final_step - 1]) >= expected_sums, deadline)
         n = self.request_eval()
-        self.request_checkpoint(self.opts.run_dir / "checkpoint")
-        await self.drain_until(lambda: len(self.eval_results[final_step]) >= n and final_step in self.saved,
-                               deadline)
-        for r in self.eval_results[final_step]:
-            self.val_losses[val_loss_key(r, self.opts.sync)] = r["val_loss"]
+        self.request_checkpoint(self.files.checkpoint)
+        await self.drain_until(lambda: (len(self.records.eval_results[final_step]) >= n
+                                        and final_step in self.totals.saved_steps), deadline)
+        for r in self.records.eval_results[final_step]:
+            self.totals.val_losses[val_loss_key(r, self.opts.sync)] = r["val_loss"]
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> tuple[str, str]:
-        """Returns (status, reason)."""
-        self.events.emit("run_started", step=self.step, config_source=str(self.cfg.source),
-                         name=self.opts.run_dir.name, intermediate_size=self.cfg.model.intermediate_size,
-                         total_steps=self.t.total_steps, sync=self.opts.sync,
+        """Every phase in order, to the end; returns (status, reason). Raises RunAborted on failure."""
+        t = self.totals
+        self.events.emit(Event.RUN_STARTED, step=t.step, config_source=str(self.cfg.source),
+                         name=self.files.name, intermediate_size=self.cfg.model.intermediate_size,
+                         total_steps=self.timing.total_steps, sync=self.opts.sync,
                          expected_clients=self.opts.expected_clients, min_clients=self.min_clients,
                          resumed_from=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None)
         await self.wait_for_members()
-        while self.step < self.t.total_steps:
-            if not self.generation_members or self.generation_broken or self._membership_changed():
+        while t.step < self.timing.total_steps:
+            if not self.generation_members or self.membership.broken or self._membership_changed():
                 await self.form_generation()
             committed = await self.train_round()
             if not committed:
@@ -493,14 +372,14 @@ class Coordinator:
             if self.paused:
                 await self.hold_paused()
         await self.cooldown()
-        return "finished", f"completed {self.step} of {self.t.total_steps} steps"
+        return "finished", f"completed {t.step} of {self.timing.total_steps} steps"
 
     async def hold_paused(self) -> None:
         """Wait at a step boundary until resumed (SIGUSR1 toggles), still serving background messages."""
         previous = self.state
-        self.set_state("Paused")
+        self.set_state(RunState.PAUSED)
         while self.paused:
-            await self.next_message(time.monotonic() + 0.2)
+            await self.inbox.next_message(time.monotonic() + 0.2)
         self.set_state(previous)
 
     def _membership_changed(self) -> bool:
@@ -508,88 +387,13 @@ class Coordinator:
         return alive != sorted(self.generation_members)
 
     def _after_commit(self) -> None:
-        due = due_after_commit(self.step, self.t.total_steps, self.cfg.data.eval_every, self.opts.checkpoint_every)
+        step = self.totals.step
+        due = due_after_commit(step, self.timing.total_steps, self.cfg.data.eval_every, self.opts.checkpoint_every)
         if due.validate:
             self.request_eval()
         if due.checkpoint:
-            self.request_checkpoint(self.opts.run_dir / "checkpoints" / f"step-{self.step:06d}")
-        if time.time() - self.epoch_started >= self.t.epoch_time:
+            self.request_checkpoint(self.files.step_checkpoint(step))
+        if time.time() - self.epoch_started >= self.timing.epoch_time:
             self.epoch += 1
             self.epoch_started = time.time()
-            self.events.emit("epoch", step=self.step, epoch=self.epoch)
-
-    # ------------------------------------------------------------------ lifecycle
-    async def serve(self) -> int:
-        loop = asyncio.get_running_loop()
-        try:
-            if self.opts.listen_fd is not None:
-                server = await asyncio.start_server(self.handle_connection,
-                                                    sock=socket.socket(fileno=self.opts.listen_fd))
-            else:
-                server = await asyncio.start_server(self.handle_connection, self.opts.host, self.opts.port,
-                                                    reuse_address=True)
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {self.opts.host}:{self.opts.port}: {e.strerror or e}",
-                              hint="pick another --server-port, or 0 for any free port") from e
-        port = server.sockets[0].getsockname()[1]
-        self.store_host = self.opts.host if self.opts.host not in ("0.0.0.0", "::") else socket.gethostname()
-        self.store = dist.TCPStore(self.opts.host, 0, is_master=True, wait_for_workers=False, use_libuv=True)
-        self.store_port = self.store.port
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._request_stop, sig)
-        loop.add_signal_handler(signal.SIGUSR1, self._toggle_pause)
-        write_json_atomic(self.opts.run_dir / READY_FILE, {"host": self.opts.host, "port": port,
-                                                            "store_port": self.store_port, "pid": os.getpid()})
-        log.info("listening on %s:%d (store port %d)", self.opts.host, port, self.store_port)
-        pinger = asyncio.create_task(self._ping_loop())
-        status, reason = "failed", "unknown"
-        try:
-            status, reason = await self.run()
-        except RunAborted as e:
-            status, reason = e.status, str(e)
-        except asyncio.CancelledError:
-            status, reason = "interrupted", self.stop_reason or "cancelled"
-        except HeteroTestnetError as e:
-            status, reason = "failed", str(e)
-        except Exception as e:  # noqa: BLE001 - a coordinator bug must still end the run cleanly
-            log.exception("internal error")
-            status, reason = "failed", f"internal coordinator error: {type(e).__name__}: {e}"
-        finally:
-            pinger.cancel()
-            self.set_state("Finished")
-            summary = build_summary(self, status, reason)
-            write_json_atomic(self.opts.run_dir / SUMMARY_FILE, summary)
-            self.events.emit("run_finished", step=self.step, status=status, reason=reason,
-                             steps_completed=self.step, total_steps=self.t.total_steps,
-                             replicas_identical=summary["replicas_identical"], final_val_loss=self.val_losses,
-                             level=logging.INFO if status == "finished" else logging.ERROR)
-            for m in self.alive_members():
-                m.send(P.Shutdown(reason=reason, status=status))
-            await asyncio.sleep(0)
-            for m in self.alive_members():
-                try:
-                    await asyncio.wait_for(m.writer.drain(), 2.0)
-                    m.writer.close()
-                except Exception:  # noqa: BLE001
-                    pass
-            server.close()
-        return {"finished": 0, "interrupted": 130}.get(status, 1)
-
-    def _request_stop(self, sig: int) -> None:
-        self.stop_reason = f"stopped by signal {signal.Signals(sig).name}"
-        self.queue.put_nowait((None, None))
-
-    def _toggle_pause(self) -> None:
-        self.paused = not self.paused
-        self.events.emit("pause" if self.paused else "resume", step=self.step)
-        self.queue.put_nowait((None, None))
-
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(PING_INTERVAL_S)
-            for m in self.alive_members():
-                m.send(P.Ping(state=self.state))
-
-
-def run_coordinator(config: RunConfig, options: CoordinatorOptions) -> int:
-    return asyncio.run(Coordinator(config, options).serve())
+            self.events.emit(Event.EPOCH, step=step, epoch=self.epoch)

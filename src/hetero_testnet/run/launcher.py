@@ -1,9 +1,10 @@
 """Process supervision for `testnet start`: one coordinator and N clients, and nothing left behind.
 
 The launcher spawns exactly the commands a user could run by hand (`testnet coordinator`,
-`testnet client`), each in its own session (so a terminal Ctrl-C reaches only the launcher,
-which then stops the run cleanly) and with PR_SET_PDEATHSIG (so they die with the launcher even
-if it is SIGKILLed). It hands the per-run token over in the environment, never on a command line.
+`testnet client`, as `LaunchPlan` spells them) through `run.processes`: each in its own session
+(so a terminal Ctrl-C reaches only the launcher, which then stops the run cleanly) and with
+PR_SET_PDEATHSIG (so they die with the launcher even if it is SIGKILLed). It hands the per-run
+token over in the environment, never on a command line.
 
 Guarantee: when `Launcher.run` returns or raises, every process it started, and their children,
 has exited. Ctrl-C / `exit_after_s` ask the coordinator to stop (status interrupted); a crash of
@@ -15,8 +16,6 @@ same client id after a delay; every kill and restart is an event in `events.json
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import random
 import secrets
@@ -26,63 +25,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from hetero_testnet.config import RunConfig, dump_yaml
-from hetero_testnet.run.coordinator import READY_FILE, SUMMARY_FILE
+from hetero_testnet.config import dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
-from hetero_testnet.events import EventTail, EventWriter
-from hetero_testnet.run.summary import write_json_atomic
+from hetero_testnet.events import Event, EventTail, EventWriter, RunState
+from hetero_testnet.run.plan import TOKEN_ENV, ClientSpec, LaunchPlan
+from hetero_testnet.run.processes import kill_tree, last_error_line, spawn_supervised, stop, wait_all
+from hetero_testnet.rundir import RunDir, read_json, write_json_atomic
 
-TOKEN_ENV = "HETERO_TESTNET_TOKEN"
-TOKEN_FILE = ".token"
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-
-
-@dataclass
-class ClientSpec:
-    client_id: int
-    tier: int
-    helper_fraction: float
-    rotation_interval: int
-
-
-@dataclass
-class FaultPlan:
-    random_kill_num: int = 0
-    random_kill_interval_s: float = 120.0
-    allowed_to_kill: list[int] = field(default_factory=list)
-    kill_restart_delay_s: float = 1.0
-    latency_ms: float = 0.0
-    latency_jitter_ms: float = 0.0
-    bandwidth_bytes_per_s: float = 0.0
-    seed: int = 0
-
-    def network(self) -> dict[str, float]:
-        return {"latency_ms": self.latency_ms, "latency_jitter_ms": self.latency_jitter_ms,
-                "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s}
-
-
-@dataclass
-class LaunchPlan:
-    run_dir: Path
-    config: RunConfig
-    clients: list[ClientSpec]
-    sync: str = "allreduce"
-    bind: str = "127.0.0.1"
-    server_port: int = 20000
-    device: str = "cpu"
-    threads_per_client: int = 1
-    exit_after_s: float | None = None
-    min_clients: int | None = None
-    checkpoint_every: int = 0
-    resume_checkpoint: Path | None = None
-    faults: FaultPlan = field(default_factory=FaultPlan)
-    command_line: str = ""
+READY_TIMEOUT_S = 60.0
+"""How long the coordinator may take to listen (write its ready file) before the run fails."""
+COORDINATOR_STOP_WAIT_S = 30.0
+"""After a stop request: time for the coordinator to finish cleanly (cooldown, summary) before SIGKILL."""
+COORDINATOR_EXIT_WAIT_S = 5.0
+"""Without a stop request: time for an exiting coordinator to go before SIGKILL."""
+CLIENT_EXIT_WAIT_S = 5.0
+"""After the coordinator: time for the clients to leave by themselves (it told them to) before SIGKILL."""
+_ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
+"""`state` events whose `new` state ends the run (Cooldown, Finished): no more kills or restarts."""
 
 
 @dataclass
@@ -93,16 +57,6 @@ class Child:
     log_path: Path
     kills: int = 0
     restarts: int = 0
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: new session, and SIGTERM when the launcher dies."""
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -124,6 +78,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 class Launcher:
     def __init__(self, plan: LaunchPlan, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.plan = plan
+        self.files = RunDir(plan.run_dir)
         self.on_event = on_event or (lambda e: None)
         self.children: dict[str, Child] = {}
         self.token = secrets.token_hex(32)
@@ -146,55 +101,31 @@ class Launcher:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def _spawn(self, key: str, role: str, client_id: int | None, args: list[str], log_name: str,
+    def _spawn(self, key: str, role: str, client_id: int | None, args: list[str], log_path: Path,
                threads: int, pass_fds: tuple[int, ...] = ()) -> Child:
-        log_path = self.plan.run_dir / log_name
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "hetero_testnet", *args], stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=self._env(threads),
-                                    preexec_fn=_die_with_parent, close_fds=True, pass_fds=pass_fds)
+        proc = spawn_supervised([sys.executable, "-m", "hetero_testnet", *args], log_path=log_path,
+                                env=self._env(threads), pass_fds=pass_fds)
         child = self.children.get(key)
         if child is None:
             child = Child(role, client_id, proc, log_path)
             self.children[key] = child
         else:
             child.proc = proc
-        self.events.emit("process_started", client_id=client_id, role_started=role, pid=proc.pid, log=False)
+        self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
 
-    def _coordinator_args(self, listen_fd: int) -> list[str]:
-        p = self.plan
-        args = ["coordinator", "--config-path", str(p.run_dir / "config.yaml"), "--run-dir", str(p.run_dir),
-                "--bind", p.bind, "--listen-fd", str(listen_fd), "--expect-clients", str(len(p.clients)),
-                "--sync", p.sync, "--device", p.device, "--checkpoint-every", str(p.checkpoint_every)]
-        if p.min_clients is not None:
-            args += ["--min-clients", str(p.min_clients)]
-        if p.resume_checkpoint is not None:
-            args += ["--resume-checkpoint", str(p.resume_checkpoint)]
-        f = p.faults
-        if f.latency_ms or f.latency_jitter_ms:
-            args += ["--fault-latency-ms", f"{f.latency_ms:g}-{f.latency_jitter_ms:g}"]
-        if f.bandwidth_bytes_per_s:
-            args += ["--fault-bandwidth-limit", f"{f.bandwidth_bytes_per_s:g}"]
-        return args
-
     def _spawn_client(self, spec: ClientSpec, address: str) -> Child:
-        args = ["client", "--coordinator", address, "--client-id", str(spec.client_id), "--tier", str(spec.tier),
-                "--helper-fraction", str(spec.helper_fraction), "--helper-rotation-interval",
-                str(spec.rotation_interval), "--threads", str(self.plan.threads_per_client),
-                "--device", self.plan.device]
-        return self._spawn(f"client-{spec.client_id}", "client", spec.client_id, args,
-                           f"client-{spec.client_id}.log", self.plan.threads_per_client)
+        return self._spawn(f"client-{spec.client_id}", "client", spec.client_id, self.plan.client_args(spec, address),
+                           self.files.client_log(spec.client_id), self.plan.threads_per_client)
 
-    def _wait_ready(self, coordinator: Child, timeout_s: float = 60.0) -> dict[str, Any]:
-        ready_file = self.plan.run_dir / READY_FILE
+    def _wait_ready(self, coordinator: Child, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if ready_file.exists():
-                return json.loads(ready_file.read_text())
+            if self.files.ready.exists():
+                return read_json(self.files.ready)
             code = coordinator.proc.poll()
             if code is not None:
-                reason = _last_error_line(coordinator.log_path) or f"exit code {code}"
+                reason = last_error_line(coordinator.log_path) or f"exit code {code}"
                 cls = ConfigError if code == 2 else RunFailedError
                 raise cls(f"coordinator failed to start: {reason}")
             time.sleep(0.05)
@@ -205,14 +136,13 @@ class Launcher:
     def prepare_run_dir(self) -> None:
         p = self.plan
         p.run_dir.mkdir(parents=True, exist_ok=True)
-        token_path = p.run_dir / TOKEN_FILE
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.files.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
-        for stale in (READY_FILE, SUMMARY_FILE):
-            (p.run_dir / stale).unlink(missing_ok=True)
+        for stale in (self.files.ready, self.files.summary):
+            stale.unlink(missing_ok=True)
         header = f"# resolved by: {p.command_line}\n" if p.command_line else ""
-        (p.run_dir / "config.yaml").write_text(header + dump_yaml(p.config.to_dict()))
+        self.files.config.write_text(header + dump_yaml(p.config.to_dict()))
 
     def request_stop(self, reason: str) -> None:
         """Ask for a clean stop (status interrupted). Before the coordinator is ready (its signal
@@ -238,39 +168,18 @@ class Launcher:
         p = self.plan
         listener = listen_socket(p.bind, p.server_port)
         self.prepare_run_dir()
-        self.events = EventWriter(p.run_dir / "events.jsonl", run_id=p.config.run_id, role="launcher")
-        tail = EventTail(p.run_dir / "events.jsonl")
-        tail._offset = (p.run_dir / "events.jsonl").stat().st_size  # only this run's events
-        started = time.monotonic()
+        self.events = EventWriter(self.files.events, run_id=p.config.run_id, role="launcher")
+        tail = EventTail(self.files.events, from_end=True)  # only this run's events
         interrupted = False
         try:
-            self.events.emit("launch", log=False, name=p.run_dir.name, num_clients=len(p.clients),
+            self.events.emit(Event.LAUNCH, log=False, name=p.run_dir.name, num_clients=len(p.clients),
                              tiers=[c.tier for c in p.clients], helper_fractions=[c.helper_fraction for c in p.clients],
                              sync=p.sync, total_steps=p.config.timing.total_steps, command_line=p.command_line)
-            coordinator = self._spawn("coordinator", "coordinator", None,
-                                      self._coordinator_args(listener.fileno()), "coordinator.log", 1,
-                                      pass_fds=(listener.fileno(),))
-            port = listener.getsockname()[1]
-            listener.close()  # the coordinator holds it now
-            address = f"{'127.0.0.1' if p.bind in ('0.0.0.0', '') else p.bind}:{port}"
-            for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
-                self._spawn_client(spec, address)
+            coordinator, address = self._start_processes(listener)
             self._wait_ready(coordinator)
             self.coordinator_ready = True
             self._forward_stop()
-            next_kill = time.monotonic() + p.faults.random_kill_interval_s if p.faults.random_kill_num else None
-            while coordinator.proc.poll() is None:
-                for event in tail.poll():
-                    self._note(event)
-                    self.on_event(event)
-                now = time.monotonic()
-                if p.exit_after_s is not None and now - started >= p.exit_after_s and not self.stop_requested:
-                    self.request_stop(f"--exit-after-secs {p.exit_after_s:g} reached")
-                if next_kill is not None and now >= next_kill and not self.run_ending:
-                    self._random_kill()
-                    next_kill = now + p.faults.random_kill_interval_s
-                self._restart_due(address)
-                time.sleep(0.1)
+            self._supervise(coordinator, tail, address)
         except KeyboardInterrupt:
             interrupted = True
             self.request_stop("Ctrl-C")
@@ -280,9 +189,39 @@ class Launcher:
                 self.on_event(event)
         return code
 
+    def _start_processes(self, listener: socket.socket) -> tuple[Child, str]:
+        """The coordinator (holding `listener`), then every client; returns it and its address."""
+        p = self.plan
+        coordinator = self._spawn("coordinator", "coordinator", None, p.coordinator_args(listener.fileno()),
+                                  self.files.coordinator_log, 1, pass_fds=(listener.fileno(),))
+        port = listener.getsockname()[1]
+        listener.close()  # the coordinator holds it now
+        address = f"{'127.0.0.1' if p.bind in ('0.0.0.0', '') else p.bind}:{port}"
+        for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
+            self._spawn_client(spec, address)
+        return coordinator, address
+
+    def _supervise(self, coordinator: Child, tail: EventTail, address: str) -> None:
+        """Until the coordinator exits: pass events on, stop at --exit-after-secs, kill and restart."""
+        p = self.plan
+        started = time.monotonic()
+        next_kill = time.monotonic() + p.faults.random_kill_interval_s if p.faults.random_kill_num else None
+        while coordinator.proc.poll() is None:
+            for event in tail.poll():
+                self._note(event)
+                self.on_event(event)
+            now = time.monotonic()
+            if p.exit_after_s is not None and now - started >= p.exit_after_s and not self.stop_requested:
+                self.request_stop(f"--exit-after-secs {p.exit_after_s:g} reached")
+            if next_kill is not None and now >= next_kill and not self.run_ending:
+                self._random_kill()
+                next_kill = now + p.faults.random_kill_interval_s
+            self._restart_due(address)
+            time.sleep(0.1)
+
     def _note(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "run_finished" or (event.get("event") == "state"
-                                                    and event.get("new") in ("Cooldown", "Finished")):
+        kind = event.get("event")
+        if kind == Event.RUN_FINISHED or (kind == Event.STATE and event.get("new") in _ENDING_STATES):
             self.run_ending = True
 
     def _random_kill(self) -> None:
@@ -295,7 +234,7 @@ class Launcher:
             child.proc.wait()
             child.kills += 1
             self.fault_counts["kills"] += 1
-            self.events.emit("fault_kill", client_id=child.client_id, pid=child.proc.pid, signal="SIGKILL")
+            self.events.emit(Event.FAULT_KILL, client_id=child.client_id, pid=child.proc.pid, signal="SIGKILL")
             self.pending_restarts.append((time.monotonic() + f.kill_restart_delay_s, child.client_id))
 
     def _restart_due(self, address: str) -> None:
@@ -310,30 +249,20 @@ class Launcher:
             child = self._spawn_client(specs[cid], address)
             child.restarts += 1
             self.fault_counts["restarts"] += 1
-            self.events.emit("client_restarted", client_id=cid, pid=child.proc.pid)
+            self.events.emit(Event.CLIENT_RESTARTED, client_id=cid, pid=child.proc.pid)
 
     def _shutdown(self, interrupted: bool) -> int:
         """Stop everything: coordinator first (it tells clients), then anything still alive."""
         coordinator = self.children.get("coordinator")
         if coordinator is not None:
-            if self.stop_requested and not self.stop_sent and coordinator.proc.poll() is None:
-                coordinator.proc.terminate()  # stopped before it was ready: nothing to save yet
-            try:
-                code = coordinator.proc.wait(timeout=30 if self.stop_requested else 5)
-            except subprocess.TimeoutExpired:
-                coordinator.proc.kill()
-                code = coordinator.proc.wait()
+            # Stopped before it was ready (no stop sent yet): nothing to save, so SIGTERM it now.
+            first = signal.SIGTERM if self.stop_requested and not self.stop_sent else None
+            wait_s = COORDINATOR_STOP_WAIT_S if self.stop_requested else COORDINATOR_EXIT_WAIT_S
+            code = stop(coordinator.proc, [(first, wait_s), (signal.SIGKILL, COORDINATOR_EXIT_WAIT_S)])
         else:
             code = 1
-        clients = [c for c in self.children.values() if c.role == "client"]
-        deadline = time.monotonic() + 5.0
-        for c in clients:
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for c in self.children.values():
-            _kill_tree(c.proc)
+        wait_all([c.proc for c in self.children.values() if c.role == "client"], CLIENT_EXIT_WAIT_S)
+        kill_tree([c.proc for c in self.children.values()])
         self._amend_summary()
         if self.events is not None:
             self.events.close()
@@ -343,7 +272,7 @@ class Launcher:
 
     def _amend_summary(self) -> None:
         """Add what only the launcher knows: client exit codes, kills and restarts."""
-        path = self.plan.run_dir / SUMMARY_FILE
+        path = self.files.summary
         coordinator = self.children.get("coordinator")
         if not path.exists():
             # The coordinator died before writing one (e.g. SIGKILL): record that much.
@@ -356,9 +285,9 @@ class Launcher:
             summary = {"run_id": self.plan.config.run_id, "name": self.plan.run_dir.name, "status": status,
                        "reason": reason, "steps_completed": None, "total_steps": self.plan.config.timing.total_steps,
                        "clients": {}}
-            self.events.emit("run_finished", status=status, reason=reason, log=False)
+            self.events.emit(Event.RUN_FINISHED, status=status, reason=reason, log=False)
         else:
-            summary = json.loads(path.read_text())
+            summary = read_json(path)
         for c in self.children.values():
             if c.role != "client":
                 continue
@@ -370,31 +299,3 @@ class Launcher:
         if self.stop_requested and summary.get("status") == "interrupted":
             summary["reason"] = f"{summary.get('reason')} ({self.stop_requested})"
         write_json_atomic(path, summary)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        parent = psutil.Process(proc.pid)
-        family = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _last_error_line(log_path: Path) -> str | None:
-    try:
-        lines = log_path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line[len("error:"):].strip()
-    return lines[-1].strip() if lines else None

@@ -3,8 +3,9 @@
 Vocabulary: `client_id` is a stable identity that survives restarts; each connection of it is an
 `incarnation`. A member is `alive` while its connection is; `in_generation` while it belongs to the
 current process group; `state_step` is the step whose parameters it holds (None: unknown, so it
-must receive them by broadcast before it trains). The coordinator decides what to do with these
-facts; this module only keeps them.
+must receive them by broadcast before it trains). A generation is `broken` once a member of it is
+lost. The coordinator decides what to do with these facts; this module keeps them, and drops
+members that stopped answering.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero_testnet.run import protocol as P
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.events import EventWriter
+from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.matformer import ffn_width
+from hetero_testnet.run import protocol as P
+from hetero_testnet.run.plan import check_helper_fraction
 
 log = logging.getLogger("hetero_testnet")
+
+HANG_TIMEOUT_S = 5.0
+"""A member silent this long (no heartbeat) is hung, e.g. SIGSTOPped, and is dropped."""
 
 
 @dataclass
@@ -65,19 +70,23 @@ class Membership:
         self.counters = counters
         self.members: dict[int, Member] = {}
         self.next_client_id = 1
+        self.broken: str | None = None
+        """Why the current generation broke (a member of it was lost, dropped or failed); None while
+        it is whole. Latched: the first reason stays until the coordinator forms the next generation."""
 
     def admit(self, hello: P.Message, writer: asyncio.StreamWriter, peer: Any, *, step: int,
-              closed_reason: str | None, holds_current_state: bool,
+              run_state: RunState, holds_current_state: bool,
               on_replaced: Callable[[Member], None]) -> Member | None:
         """A new member from its first message, or None after sending `Reject` (and logging why).
 
-        The token is compared in constant time and never logged. A client id already alive is
-        treated as a restart: `on_replaced(old)` retires the old incarnation first.
+        The token is compared in constant time and never logged. Nobody joins a run that is ending
+        (`run_state.is_ending`). The tier and helper fraction follow matformer's rules. A client id
+        already alive is treated as a restart: `on_replaced(old)` retires the old incarnation first.
         """
         def reject(reason: str) -> None:
             writer.write(P.encode(P.Reject(reason=reason)))
             self.counters["rejected"] += 1
-            self.events.emit("client_rejected", level=logging.WARNING, peer=str(peer), reason=reason)
+            self.events.emit(Event.CLIENT_REJECTED, level=logging.WARNING, peer=str(peer), reason=reason)
 
         if not isinstance(hello, P.Hello):
             reject("the first message must be hello")
@@ -85,13 +94,13 @@ class Membership:
         if not hmac.compare_digest(hello.token.encode(), self.token.encode()):
             reject("invalid run token")
             return None
-        if closed_reason:
-            reject(closed_reason)
+        if run_state.is_ending:
+            reject(f"the run is in state {run_state}")
             return None
         try:
             width = ffn_width(self.intermediate_size, hello.tier)
-            if not 0.0 <= hello.helper_fraction <= 1.0:
-                raise ConfigError(f"helper fraction {hello.helper_fraction} is outside [0, 1]")
+            check_helper_fraction(hello.helper_fraction,
+                                  error=f"helper fraction {hello.helper_fraction} is outside [0, 1]")
         except ConfigError as e:
             reject(str(e))
             return None
@@ -112,30 +121,41 @@ class Membership:
             member.steps_trained, member.nan_inf = previous.steps_trained, previous.nan_inf
             self.counters["rejoins"] += 1
         self.members[client_id] = member
-        self.events.emit("client_joined", client_id=client_id, step=step, tier=hello.tier, ffn_width=width,
+        self.events.emit(Event.CLIENT_JOINED, client_id=client_id, step=step, tier=hello.tier, ffn_width=width,
                          helper_fraction=hello.helper_fraction, pid=hello.pid, host=member.host,
                          incarnation=member.incarnation, threads=hello.threads, device=hello.device)
         return member
 
-    def mark_lost(self, member: Member, reason: str, *, step: int) -> bool:
-        """Retire a member; returns True if it was in the current generation (the group is broken)."""
+    def mark_lost(self, member: Member, reason: str, *, step: int) -> None:
+        """Retire a member; if it was in the current generation, that generation is broken."""
         if not member.alive:
-            return False
+            return
         member.alive = False
         self.counters["clients_lost"] += 1
-        self.events.emit("client_lost", level=logging.WARNING, client_id=member.client_id, step=step,
+        self.events.emit(Event.CLIENT_LOST, level=logging.WARNING, client_id=member.client_id, step=step,
                          reason=reason)
-        was_in_generation, member.in_generation = member.in_generation, False
+        if member.in_generation:
+            self.broken = self.broken or f"client {member.client_id} lost: {reason}"
+        member.in_generation = False
         try:
             member.writer.close()
         except Exception:  # noqa: BLE001 - closing a dead transport
             pass
-        return was_in_generation
+
+    def drop(self, member: Member, reason: str, *, step: int) -> None:
+        """Remove a live but unresponsive client (it is told why); it may rejoin when it wakes up."""
+        member.send(P.Dropped(reason=reason))
+        self.counters["clients_dropped"] += 1
+        self.mark_lost(member, f"dropped: {reason}", step=step)
+
+    def drop_hung(self, members: list[Member], *, step: int) -> str | None:
+        """Drop the members silent (no message, not even a heartbeat) for HANG_TIMEOUT_S; returns
+        why, or None if none is. The others may be blocked in a collective with them, not hung."""
+        now = time.monotonic()
+        hung = [m for m in members if m.alive and now - m.last_seen > HANG_TIMEOUT_S]
+        for m in hung:
+            self.drop(m, f"no heartbeat for {HANG_TIMEOUT_S:.0f} s at step {step}", step=step)
+        return "client(s) " + ", ".join(str(m.client_id) for m in hung) + " stopped responding" if hung else None
 
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.alive]
-
-    def hung(self, members: list[Member], timeout_s: float) -> list[Member]:
-        """Live members silent (no message, not even a heartbeat) for longer than `timeout_s`."""
-        now = time.monotonic()
-        return [m for m in members if m.alive and now - m.last_seen > timeout_s]

@@ -1,4 +1,4 @@
-"""`summary.json`: what a run reports about itself when it ends, built from the coordinator's records.
+"""`summary.json`: what a run reports about itself when it ends, from its `RunTotals` and members.
 
 Every number says what it is: `tokens_per_sec` is over the whole wall time (start-up and validation
 included), `train_tokens_per_sec` over the time spent in committed rounds only; losses are train
@@ -9,21 +9,53 @@ The launcher later adds what only it knows (client exit codes, kills and restart
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from hetero_testnet.run.coordinator import Coordinator
+from hetero_testnet.config import RunConfig
+from hetero_testnet.run.membership import Member
+from hetero_testnet.rundir import RunDir
 
 
-def build_summary(c: "Coordinator", status: str, reason: str) -> dict[str, Any]:
-    wall = time.time() - c.started
+@dataclass
+class RunTotals:
+    """The run's running totals: the coordinator keeps them up to date, `build_summary` reports them."""
+
+    step: int = 0
+    """The next step to train: committed steps so far, those before a resume included."""
+    data_index: int = 0
+    """Sample id where the next batch starts; it advances only when a step is committed."""
+    tokens_seen: int = 0
+    """Tokens of every committed batch, before a resume included (drives the batch-size ramp)."""
+    tokens_trained: int = 0
+    """Tokens the clients trained on in the committed steps of this session."""
+    train_time_s: float = 0.0
+    """Wall time of the committed rounds."""
+    lost_time_s: float = 0.0
+    """Wall time of the discarded rounds."""
+    generation: int = -1
+    """The current generation (process group); -1 before the first is formed."""
+    started: float = field(default_factory=time.time)
+    """When the coordinator started (epoch seconds)."""
+    counters: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """discarded_steps, clients_lost, clients_dropped, rejoins, rejected, nan_inf_steps."""
+    val_losses: dict[str, float] = field(default_factory=dict)
+    """The final validation losses, keyed as the summary's `final_val_loss`."""
+    replicas_identical: bool = True
+    """False once two members reported different checksums after the same step."""
+    saved_steps: set[int] = field(default_factory=set)
+    """Steps whose checkpoint a member reported saved."""
+
+
+def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfig, run_dir: RunDir, sync: str,
+                  status: str, reason: str) -> dict[str, Any]:
+    wall = time.time() - totals.started
     clients = {}
     finals = []
-    for m in sorted(c.members.values(), key=lambda m: m.client_id):
+    for m in sorted(members, key=lambda m: m.client_id):
         clients[str(m.client_id)] = {
             "tier": m.tier, "ffn_width": m.ffn_width, "helper_fraction": m.helper_fraction,
             "steps_trained": m.steps_trained, "final_train_loss": m.last_loss, "nan_inf_count": m.nan_inf,
@@ -31,31 +63,24 @@ def build_summary(c: "Coordinator", status: str, reason: str) -> dict[str, Any]:
         }
         if m.last_loss is not None:
             finals.append(m.last_loss)
-    counters = c.counters
+    counters = totals.counters
     return {
-        "run_id": c.cfg.run_id, "name": c.opts.run_dir.name, "status": status, "reason": reason,
-        "steps_completed": c.step, "total_steps": c.t.total_steps, "sync": c.opts.sync,
-        "wall_time_s": round(wall, 3), "train_time_s": round(c.train_time_s, 3),
-        "tokens_trained": c.tokens_trained,
-        "tokens_per_sec": round(c.tokens_trained / wall, 1) if wall > 0 else 0.0,
-        "train_tokens_per_sec": round(c.tokens_trained / c.train_time_s, 1) if c.train_time_s > 0 else 0.0,
+        "run_id": cfg.run_id, "name": run_dir.name, "status": status, "reason": reason,
+        "steps_completed": totals.step, "total_steps": cfg.timing.total_steps, "sync": sync,
+        "wall_time_s": round(wall, 3), "train_time_s": round(totals.train_time_s, 3),
+        "tokens_trained": totals.tokens_trained,
+        "tokens_per_sec": round(totals.tokens_trained / wall, 1) if wall > 0 else 0.0,
+        "train_tokens_per_sec": (round(totals.tokens_trained / totals.train_time_s, 1)
+                                 if totals.train_time_s > 0 else 0.0),
         "mean_final_train_loss": sum(finals) / len(finals) if finals else None,
-        "final_val_loss": c.val_losses,
-        "val_num_samples": c.cfg.data.val_samples,
-        "replicas_identical": c.replicas_identical if c.opts.sync == "allreduce" else None,
-        "generations": c.generation + 1,
+        "final_val_loss": totals.val_losses,
+        "val_num_samples": cfg.data.val_samples,
+        "replicas_identical": totals.replicas_identical if sync == "allreduce" else None,
+        "generations": totals.generation + 1,
         "discarded_steps": counters["discarded_steps"], "clients_lost": counters["clients_lost"],
         "clients_dropped": counters["clients_dropped"], "rejoins": counters["rejoins"],
         "rejected_connections": counters["rejected"], "nan_inf_steps": counters["nan_inf_steps"],
-        "time_lost_s": round(c.lost_time_s, 3),
-        "checkpoint": str(c.opts.run_dir / "checkpoint") if c.step in c.saved else None,
+        "time_lost_s": round(totals.lost_time_s, 3),
+        "checkpoint": str(run_dir.checkpoint) if totals.step in totals.saved_steps else None,
         "clients": clients,
     }
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write then rename, so a reader never sees half a file and a crash never leaves one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

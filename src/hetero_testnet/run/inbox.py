@@ -1,0 +1,145 @@
+"""The coordinator's inbox: every member's messages, in arrival order, through one queue.
+
+Each client connection gets a reader task, `handle_connection`: its first message must be a hello
+within HELLO_TIMEOUT_S, which the coordinator's `admit` turns into a `Member` (or rejects); after
+that every message but heartbeats is queued (a heartbeat only refreshes `Member.last_seen`), and so
+is the connection's end. The state machine waits only through `next_message`, so one place decides
+what a wait sees.
+
+Failure semantics of `next_message(deadline)`:
+- it returns None at the deadline, never later;
+- a closed connection is reported to `on_lost` (the member is lost, its generation broken) and is
+  not returned; messages of members already lost are skipped;
+- once `request_stop` was called it raises `RunAborted` (status interrupted);
+- background messages (checksums, evals, saves) go to `StepRecords.record` (which raises
+  `RunAborted` when the replicas diverged) and are returned too, so every wait re-checks its
+  condition after each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hetero_testnet.errors import ProtocolError, RunAborted
+from hetero_testnet.events import Event, EventWriter
+from hetero_testnet.run import protocol as P
+from hetero_testnet.run.membership import Member, Membership
+from hetero_testnet.run.records import StepRecords
+
+log = logging.getLogger("hetero_testnet")
+
+HELLO_TIMEOUT_S = 10.0
+"""A new connection must say hello within this time, or it is closed."""
+JOINED = object()
+"""Queued (never sent) when a client is admitted, so waits re-check membership at once."""
+
+
+class Inbox:
+    def __init__(self, *, membership: Membership, records: StepRecords, events: EventWriter,
+                 admit: Callable[[P.Message, asyncio.StreamWriter, Any], Member | None],
+                 on_lost: Callable[[Member, str], None]) -> None:
+        self.membership = membership
+        self.records = records
+        self.events = events
+        self.admit = admit
+        """hello -> a new member (its Welcome already written), or None (Reject written)."""
+        self.on_lost = on_lost
+        self.queue: asyncio.Queue[tuple[Member | None, Any]] = asyncio.Queue()
+        """(member, message); message None: its connection closed; member None: only wake the wait."""
+        self.stop_reason: str | None = None
+
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client connection, from hello to close (an asyncio server's callback)."""
+        peer = writer.get_extra_info("peername")
+        member: Member | None = None
+        try:
+            hello = await asyncio.wait_for(P.read_message(reader), timeout=HELLO_TIMEOUT_S)
+            member = self.admit(hello, writer, peer)
+            if member is None:
+                await writer.drain()
+                writer.close()
+                return
+            self.queue.put_nowait((member, JOINED))
+            while True:
+                message = await P.read_message(reader)
+                member.last_seen = time.monotonic()
+                if not isinstance(message, P.Heartbeat):
+                    await self.queue.put((member, message))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError) as e:
+            if member is None:
+                log.info("connection from %s closed before hello: %s", peer, type(e).__name__)
+        except ProtocolError as e:
+            self.events.emit(Event.PROTOCOL_ERROR, level=logging.WARNING, peer=str(peer), reason=str(e))
+        except asyncio.CancelledError:
+            return  # the loop is shutting down; the member is reported by the run's end
+        finally:
+            if member is not None:
+                await self.queue.put((member, None))
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - closing a dead transport
+                pass
+
+    def wake(self) -> None:
+        """Make the current wait re-check its condition (a pause, a stop)."""
+        self.queue.put_nowait((None, None))
+
+    def request_stop(self, reason: str) -> None:
+        """The next (or current) wait raises RunAborted(reason, status interrupted)."""
+        self.stop_reason = reason
+        self.wake()
+
+    async def next_message(self, deadline: float) -> tuple[Member, Any] | None:
+        """Next message from a live member before `deadline` (monotonic), else None (see the module
+        docstring for what is skipped and what raises). The message may be `JOINED`."""
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return None
+            try:
+                member, message = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                return None
+            if self.stop_reason:
+                raise RunAborted(self.stop_reason, status="interrupted")
+            if member is None:
+                continue
+            if message is None:
+                if member.alive and self.membership.members.get(member.client_id) is member:
+                    self.on_lost(member, "connection closed")
+                continue
+            if not member.alive:
+                continue
+            if message is not JOINED:
+                self.records.record(member, message)
+            return member, message
+
+    async def wait_for_members(self, *, need: int, expected: int, first: bool, timeout_s: float,
+                               extra_time_s: float) -> None:
+        """Until enough members are connected: `max(need, expected)`, or `need` for `extra_time_s`.
+
+        The first time without `expected` it always waits the extra time (late starters may join);
+        afterwards `need` is enough at once. Raises RunAborted when fewer than `need` are connected
+        after `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        enough_since: float | None = None
+        while True:
+            alive = len(self.membership.alive())
+            if alive >= max(need, expected) and (expected or not first):
+                return
+            if alive >= need:
+                enough_since = enough_since or time.monotonic()
+                if time.monotonic() - enough_since >= extra_time_s:
+                    return
+            elif enough_since is not None:
+                enough_since = None
+            wait_until = min(deadline, (enough_since + extra_time_s) if enough_since else deadline)
+            item = await self.next_message(wait_until)
+            if item is None and time.monotonic() >= deadline:
+                raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected "
+                                 f"after waiting {timeout_s:.0f} s")

@@ -1,0 +1,306 @@
+"""Launch planning: the checked, complete description of a run, before anything is spawned.
+
+`plan_launch` turns what `testnet start` was given (already parsed into numbers and lists by the
+CLI) into a `LaunchPlan`: it resolves `--resume` into a run directory, checkpoint and config, cycles
+the per-client lists into `ClientSpec`s, splits the cores into threads and checks the fault flags.
+`plan_coordinator` does the same for `testnet coordinator` (it reads the resumed checkpoint's
+position). Neither starts a process or needs Typer, so every rule here is unit-tested directly;
+bad input raises `ConfigError` with a one-line message that names the flag to change.
+
+`LaunchPlan.coordinator_args` / `client_args` are the exact command lines the launcher runs, as
+data (accelerate's `prepare_*_cmd_env`): tests assert on them without spawning. The model and
+checkpoint code is imported only where it is needed, so the CLI starts without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
+from hetero_testnet.errors import ConfigError
+from hetero_testnet.rundir import RunDir
+
+TOKEN_ENV = "HETERO_TESTNET_TOKEN"
+"""The environment variable that carries the run token (the launcher sets it for its children)."""
+SYNC_MODES = ("allreduce", "none")
+DEFAULT_ROTATION_INTERVAL = 16
+"""Steps between helper re-draws when `--helper-rotation-intervals` is not given (the reference's)."""
+
+
+@dataclass
+class ClientSpec:
+    client_id: int
+    tier: int
+    helper_fraction: float
+    rotation_interval: int
+
+
+@dataclass
+class FaultPlan:
+    random_kill_num: int = 0
+    random_kill_interval_s: float = 120.0
+    allowed_to_kill: list[int] = field(default_factory=list)
+    """Client ids eligible for kills; empty means all."""
+    kill_restart_delay_s: float = 1.0
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    bandwidth_bytes_per_s: float = 0.0
+    """0 means no cap."""
+    seed: int = 0
+    """Seeds the choice of victims (the run's seed)."""
+
+    def network(self) -> dict[str, float]:
+        """The network faults as the coordinator hands them to every client (`Welcome.fault`)."""
+        return {"latency_ms": self.latency_ms, "latency_jitter_ms": self.latency_jitter_ms,
+                "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s}
+
+
+@dataclass
+class LaunchPlan:
+    run_dir: Path
+    config: RunConfig
+    clients: list[ClientSpec]
+    sync: str = "allreduce"
+    bind: str = "127.0.0.1"
+    server_port: int = 20000
+    device: str = "cpu"
+    threads_per_client: int = 1
+    exit_after_s: float | None = None
+    min_clients: int | None = None
+    checkpoint_every: int = 0
+    resume_checkpoint: Path | None = None
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    command_line: str = ""
+
+    def coordinator_args(self, listen_fd: int) -> list[str]:
+        """`testnet coordinator ...` arguments; it inherits the listening socket as `listen_fd`."""
+        args = ["coordinator", "--config-path", str(RunDir(self.run_dir).config), "--run-dir", str(self.run_dir),
+                "--bind", self.bind, "--listen-fd", str(listen_fd), "--expect-clients", str(len(self.clients)),
+                "--sync", self.sync, "--device", self.device, "--checkpoint-every", str(self.checkpoint_every)]
+        if self.min_clients is not None:
+            args += ["--min-clients", str(self.min_clients)]
+        if self.resume_checkpoint is not None:
+            args += ["--resume-checkpoint", str(self.resume_checkpoint)]
+        f = self.faults
+        if f.latency_ms or f.latency_jitter_ms:
+            args += ["--fault-latency-ms", f"{f.latency_ms:g}-{f.latency_jitter_ms:g}"]
+        if f.bandwidth_bytes_per_s:
+            args += ["--fault-bandwidth-limit", f"{f.bandwidth_bytes_per_s:g}"]
+        return args
+
+    def client_args(self, spec: ClientSpec, address: str) -> list[str]:
+        """`testnet client ...` arguments for one client joining the coordinator at `address`."""
+        return ["client", "--coordinator", address, "--client-id", str(spec.client_id), "--tier", str(spec.tier),
+                "--helper-fraction", str(spec.helper_fraction), "--helper-rotation-interval",
+                str(spec.rotation_interval), "--threads", str(self.threads_per_client), "--device", self.device]
+
+
+@dataclass
+class CoordinatorOptions:
+    run_dir: Path
+    token: str
+    host: str = "127.0.0.1"
+    port: int = 20000
+    expected_clients: int = 0
+    """Start as soon as this many clients joined (0 = init_min_clients, plus the extra time)."""
+    sync: str = "allreduce"
+    backend: str = "gloo"
+    min_clients: int | None = None
+    checkpoint_every: int = 0
+    resume_checkpoint: Path | None = None
+    start_step: int = 0
+    start_data_index: int = 0
+    fault: dict[str, Any] = field(default_factory=dict)
+    listen_fd: int | None = None
+    """An already listening socket inherited from the launcher (so clients can start at once)."""
+
+
+# ----------------------------------------------------------------- rules shared by the commands
+
+def cycle(values: Sequence[Any], i: int, default: Any) -> Any:
+    """The reference's rule: empty -> default; otherwise client i gets values[i % len(values)]."""
+    return values[i % len(values)] if values else default
+
+
+def check_helper_fraction(value: float, *, error: str) -> float:
+    """matformer's rule for a helper fraction (a number in [0, 1]), reported with the caller's message."""
+    from hetero_testnet.model.matformer import _check_fraction  # the one rule; it has no public name yet
+
+    try:
+        return _check_fraction(value)
+    except ConfigError:
+        raise ConfigError(error) from None
+
+
+def check_sync(sync: str) -> str:
+    if sync not in SYNC_MODES:
+        raise ConfigError(f"--sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
+    return sync
+
+
+def load_config(config_path: Path, *, seed: int | None = None, total_steps: int | None = None) -> RunConfig:
+    """The run config at `config_path`, with the command line's seed and step count applied."""
+    cfg = load_run_config(config_path)
+    if seed is not None:
+        cfg = cfg.replace(seed=seed)
+    if total_steps is not None:
+        cfg = cfg.with_total_steps(total_steps)
+    return cfg
+
+
+def default_run_name(tiers: Sequence[int], now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"tiers-{'-'.join(map(str, tiers))}-{stamp}"
+
+
+def resume_position(checkpoint: Path) -> tuple[int, int]:
+    """(step, data index) a checkpoint records: where a resumed run continues."""
+    from hetero_testnet.model.checkpoint import load_checkpoint_meta
+
+    meta = load_checkpoint_meta(checkpoint)
+    if not all(isinstance(meta.get(k), int) for k in ("step", "data_index")):
+        raise ConfigError(f"{checkpoint} records no step and data position; it cannot be resumed")
+    return meta["step"], meta["data_index"]
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Open both splits once before spawning anything, so bad data is a one-line error up front."""
+    from hetero_testnet.data.shards import open_split
+
+    for split in ("train", "val"):
+        open_split(cfg.data, split, cfg.model.max_seq_len, cfg.model.vocab_size)
+
+
+# ----------------------------------------------------------------- testnet start
+
+def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (),
+                helper_fractions: Sequence[float] = (), rotation_intervals: Sequence[int] = (),
+                name: str | None = None, logs_dir: Path = Path("logs"), resume: Path | None = None,
+                seed: int | None = None, total_steps: int | None = None, sync: str = "allreduce",
+                bind: str = "127.0.0.1", server_port: int = 20000, device: str = "cpu",
+                threads: int | None = None, min_clients: int | None = None, checkpoint_every: int = 0,
+                exit_after_s: float | None = None, faults: FaultPlan | None = None, command_line: str = "",
+                cores: int | None = None, now: datetime | None = None) -> LaunchPlan:
+    """Check `testnet start`'s input and plan the run; raises ConfigError (exit 2) on bad input.
+
+    `tiers`, `helper_fractions` and `rotation_intervals` cycle over the clients (empty: 0, 0.0, 16).
+    With `resume` (a run directory) the run continues there from its latest checkpoint with its own
+    config (`seed` and `config_path` are then ignored). `threads` defaults to `cores // num_clients`
+    (`cores`: this machine's). `faults.seed` is replaced by the run's seed. `now` names a run
+    without `name`. `device` must already be resolved (cpu, cuda, mps). Reads the config, the
+    checkpoint's metadata and the data shards' headers; writes nothing.
+    """
+    if num_clients < 1:
+        raise ConfigError(f"--num-clients must be >= 1 (got {num_clients})")
+    check_sync(sync)
+    if server_port < 0 or server_port > 65535:
+        raise ConfigError(f"--server-port must be in 0..65535 (got {server_port})")
+    for f in helper_fractions:
+        check_helper_fraction(f, error=f"--helper-fractions values must be in [0, 1] (got {f:g})")
+    for i in rotation_intervals:
+        if i < 1:
+            raise ConfigError(f"--helper-rotation-intervals values must be >= 1 (got {i})")
+    cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, total_steps=total_steps)
+    specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
+    _check_min_clients(cfg, num_clients, min_clients)
+    run_dir = resume if resume is not None else _new_run_dir(logs_dir, name, specs, now)
+    _check_data(cfg)
+    faults = _checked_faults(faults or FaultPlan(), num_clients, seed=cfg.seed)
+    if exit_after_s is not None and exit_after_s <= 0:
+        raise ConfigError("--exit-after-secs must be > 0")
+    per_client = threads if threads is not None else max(1, (cores or os.cpu_count() or 1) // num_clients)
+    if per_client < 1:
+        raise ConfigError("--threads must be >= 1")
+    return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=sync, bind=bind, server_port=server_port,
+                      device=device, threads_per_client=per_client, exit_after_s=exit_after_s,
+                      min_clients=min_clients, checkpoint_every=checkpoint_every,
+                      resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line)
+
+
+def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None,
+                    total_steps: int | None) -> tuple[RunConfig, Path | None]:
+    """(config, None) of a new run; (its recorded config, its latest checkpoint) of a resumed one."""
+    if resume is None:
+        return load_config(config_path, seed=seed, total_steps=total_steps), None
+    from hetero_testnet.model.checkpoint import latest_checkpoint
+
+    if not RunDir(resume).config.is_file():
+        raise ConfigError(f"--resume {resume} is not a run directory (no config.yaml)")
+    checkpoint = latest_checkpoint(resume)
+    return load_config(RunDir(resume).config, total_steps=total_steps), checkpoint
+
+
+def _client_specs(cfg: RunConfig, num_clients: int, tiers: Sequence[int], fractions: Sequence[float],
+                  intervals: Sequence[int]) -> list[ClientSpec]:
+    from hetero_testnet.model.matformer import ffn_width
+
+    specs = []
+    for i in range(num_clients):
+        tier = cycle(tiers, i, 0)
+        ffn_width(cfg.model.intermediate_size, tier)  # the tier must leave FFN neurons at this width
+        specs.append(ClientSpec(client_id=i + 1, tier=tier, helper_fraction=cycle(fractions, i, 0.0),
+                                rotation_interval=cycle(intervals, i, DEFAULT_ROTATION_INTERVAL)))
+    return specs
+
+
+def _check_min_clients(cfg: RunConfig, num_clients: int, min_clients: int | None) -> None:
+    need = min_clients if min_clients is not None else cfg.timing.init_min_clients
+    if min_clients is not None and min_clients < 1:
+        raise ConfigError(f"--min-clients must be >= 1 (got {min_clients})")
+    if num_clients < need:
+        raise ConfigError(f"--num-clients {num_clients} is below the config's init_min_clients {need}",
+                          hint="add clients, or pass --min-clients to override")
+
+
+def _new_run_dir(logs_dir: Path, name: str | None, specs: list[ClientSpec], now: datetime | None) -> Path:
+    if name is not None and not DIRECTORY_NAME.match(name):
+        raise ConfigError(f"--name {name!r} must be one directory name: letters, digits, '.', '_', '+', '-'",
+                          hint="logs go to <logs-dir>/<name>/; use --logs-dir to write elsewhere")
+    run_dir = logs_dir / (name or default_run_name([s.tier for s in specs], now))
+    if RunDir(run_dir).summary.exists():
+        raise ConfigError(f"run directory {run_dir} already holds a finished run",
+                          hint="choose another --name, or --resume it")
+    return run_dir
+
+
+def _checked_faults(faults: FaultPlan, num_clients: int, *, seed: int) -> FaultPlan:
+    if faults.latency_ms < 0 or faults.latency_jitter_ms < 0:
+        raise ConfigError("--fault-latency-ms must be BASE or BASE-JITTER, both >= 0 "
+                          f"(got {faults.latency_ms:g}-{faults.latency_jitter_ms:g})")
+    if faults.bandwidth_bytes_per_s < 0:
+        raise ConfigError("--fault-bandwidth-limit must be >= 0")
+    for k in faults.allowed_to_kill:
+        if not 1 <= k <= num_clients:
+            raise ConfigError(f"--allowed-to-kill names client {k}, but clients are 1..{num_clients}")
+    if faults.random_kill_num < 0 or faults.random_kill_interval_s <= 0 or faults.kill_restart_delay_s < 0:
+        raise ConfigError("--random-kill-num must be >= 0, --random-kill-interval > 0, --kill-restart-delay >= 0")
+    return dataclasses.replace(faults, allowed_to_kill=list(faults.allowed_to_kill), seed=seed)
+
+
+# ----------------------------------------------------------------- testnet coordinator
+
+def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str = "127.0.0.1",
+                     server_port: int = 20000, expect_clients: int = 0, sync: str = "allreduce",
+                     device: str = "cpu", min_clients: int | None = None, checkpoint_every: int = 0,
+                     resume_checkpoint: Path | None = None, seed: int | None = None,
+                     total_steps: int | None = None, network: FaultPlan | None = None,
+                     listen_fd: int | None = None) -> tuple[RunConfig, CoordinatorOptions]:
+    """The config and options of one coordinator; raises ConfigError on bad input.
+
+    `device` is the clients' (cuda selects nccl, anything else gloo); of `network` only the network
+    faults are used. With `resume_checkpoint` the run continues at the step and data index it records.
+    """
+    cfg = load_config(config_path, seed=seed, total_steps=total_steps)
+    check_sync(sync)
+    start_step, data_index = resume_position(resume_checkpoint) if resume_checkpoint is not None else (0, 0)
+    return cfg, CoordinatorOptions(
+        run_dir=run_dir, token=token, host=bind, port=server_port, expected_clients=expect_clients, sync=sync,
+        backend="nccl" if device == "cuda" else "gloo", min_clients=min_clients, checkpoint_every=checkpoint_every,
+        resume_checkpoint=resume_checkpoint.resolve() if resume_checkpoint else None, start_step=start_step,
+        start_data_index=data_index, listen_fd=listen_fd, fault=(network or FaultPlan()).network())
