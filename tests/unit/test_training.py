@@ -7,7 +7,8 @@ import torch
 from hetero_testnet.model.checkpoint import load_checkpoint
 from hetero_testnet.model.matformer import NeuronSet, is_ffn_param
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.train import evaluate, forward_backward, train_single
+from hetero_testnet.model.train import evaluate, forward_backward
+from hetero_testnet.run.single import train_single
 
 
 class SyntheticSamples:

@@ -92,7 +92,7 @@ def train(
     at the start and at the end.
     """
     from hetero_testnet.model.matformer import ffn_width, sample_helpers
-    from hetero_testnet.model.train import train_single
+    from hetero_testnet.run.single import train_single
 
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {steps})")
