@@ -1,8 +1,9 @@
 """The `testnet` command line: parse, load config, call one function per command, map errors.
 
 `main()` is the only place that catches `HeteroTestnetError`: it prints one line,
-`error: <message> (hint: <fix>)`, on stderr and exits 2 for bad input, 1 for a failed run, 130 for Ctrl-C. Tracebacks are
-shown only with `--debug` (or HETERO_TESTNET_DEBUG=1).
+`error: <message> (hint: <fix>)`, on stderr and exits 2 for bad input, 1 for a failed run, 130 for
+Ctrl-C. Tracebacks are shown only with `--debug` (or HETERO_TESTNET_DEBUG=1). Flag parsers shared by
+the commands live in `cli/options.py`; what the values mean is checked in `run/plan.py`.
 """
 
 from __future__ import annotations

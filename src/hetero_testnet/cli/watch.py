@@ -3,7 +3,7 @@
 It reads only `<run dir>/events.jsonl` (the same stream `testnet start` renders), so it can attach to
 any run at any time, from another terminal, without touching it: `q` closes the viewer, never the run.
 `--once` (or a stdout that is not a terminal) prints one plain-text frame and exits, for scripts and tests.
-Wire it with `cli_watch.register(app)` in `cli.py`.
+Wired by `cli_watch.register(app)` in `cli/__init__.py`.
 """
 
 from __future__ import annotations

@@ -247,12 +247,12 @@ class ExperimentRunner:
         if run_dir.exists():
             moved = move_aside(run_dir)
             _log_attempt(exp / RUNS_LOG_FILE, {"event": "moved_aside", "run": run.name, "to": moved.name,
-                                                "detail": action.detail})
+                                               "detail": action.detail})
         run_dir.mkdir(parents=True)
         (run_dir / RUN_SPEC_FILE).write_text(json.dumps(run_identity(run, fingerprint), indent=2) + "\n")
         cmd = self._command(run, config_path)
         _log_attempt(exp / RUNS_LOG_FILE, {"event": "run_started", "run": run.name, "label": run.label,
-                                            "seed": run.seed, "command": cmd})
+                                           "seed": run.seed, "command": cmd})
         self.observer.run_started(run, index, total)
         t0 = time.monotonic()
         code, forced = None, None
@@ -266,8 +266,8 @@ class ExperimentRunner:
             code = stop(proc, STOP_LADDER, ctrl_c_escalates=True)
         outcome = self._outcome(run, run_dir, code, forced, interrupted, time.monotonic() - t0, moved)
         _log_attempt(exp / RUNS_LOG_FILE, {"event": "run_ended", "run": run.name, "label": run.label,
-                                            "seed": run.seed, "status": outcome.status, "exit_code": code,
-                                            "reason": outcome.reason, "wall_s": round(outcome.wall_s, 3)})
+                                           "seed": run.seed, "status": outcome.status, "exit_code": code,
+                                           "reason": outcome.reason, "wall_s": round(outcome.wall_s, 3)})
         self.observer.run_ended(outcome)
         if interrupted:
             raise KeyboardInterrupt

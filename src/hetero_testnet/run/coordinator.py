@@ -3,9 +3,10 @@
 It owns the run state machine (the reference's WaitingForMembers -> Warmup -> (RoundTrain ->
 RoundWitness)* -> Cooldown -> Finished), generations, the step counter and LR, per-round data
 assignment, and the commit of every step. It is event-driven: a round closes as soon as every
-member has reported, and the configured times are deadlines for stragglers. Around it:
-`membership` (who is in), `schedule` and `assignment` (pure decisions), `records` (what members
-report after a step), `summary` (`RunTotals` -> summary.json).
+member has reported, and the configured times are deadlines for stragglers. Around it: `inbox`
+(connections, every wait), `membership` (who is in), `schedule` and `assignment` (pure decisions),
+`records` (what members report after a step), `summary` (`RunTotals` -> summary.json), and
+`serving` (the process: listening, signals, the end).
 
 Failure semantics (torchft's voted commit):
 - A step is applied by every member or by none. A member that disconnects, reports a failed
@@ -324,10 +325,9 @@ class Coordinator:
         return sum(len(mine) for _, mine in plan)
 
     def request_checkpoint(self, path: Path) -> None:
-        source = self.members[self.generation_members[0]]
-        t = self.totals
-        meta = {"step": t.step, "data_index": t.data_index, "epoch": self.epoch,
-                "tokens_seen": t.tokens_seen, "run_id": self.cfg.run_id, "seed": self.cfg.seed}
+        t, source = self.totals, self.members[self.generation_members[0]]
+        meta = {"step": t.step, "data_index": t.data_index, "epoch": self.epoch, "tokens_seen": t.tokens_seen,
+                "run_id": self.cfg.run_id, "seed": self.cfg.seed}
         source.send(P.SaveCheckpoint(step=t.step, path=str(path), meta=meta))
 
     async def drain_until(self, predicate: Callable[[], bool], deadline: float) -> None:

@@ -34,7 +34,7 @@ log = logging.getLogger("hetero_testnet")
 
 HELLO_TIMEOUT_S = 10.0
 """A new connection must say hello within this time, or it is closed."""
-JOINED = object()
+_JOINED = object()
 """Queued (never sent) when a client is admitted, so waits re-check membership at once."""
 
 
@@ -63,7 +63,7 @@ class Inbox:
                 await writer.drain()
                 writer.close()
                 return
-            self.queue.put_nowait((member, JOINED))
+            self.queue.put_nowait((member, _JOINED))
             while True:
                 message = await P.read_message(reader)
                 member.last_seen = time.monotonic()
@@ -95,7 +95,7 @@ class Inbox:
 
     async def next_message(self, deadline: float) -> tuple[Member, Any] | None:
         """Next message from a live member before `deadline` (monotonic), else None (see the module
-        docstring for what is skipped and what raises). The message may be `JOINED`."""
+        docstring for what is skipped and what raises). It may be the `_JOINED` marker: ignore it."""
         while True:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
@@ -114,7 +114,7 @@ class Inbox:
                 continue
             if not member.alive:
                 continue
-            if message is not JOINED:
+            if message is not _JOINED:
                 self.records.record(member, message)
             return member, message
 
