@@ -52,13 +52,11 @@ from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import Event, EventTail
 from hetero_testnet.run.processes import last_error_line, spawn_supervised, stop
 from hetero_testnet.rundir import RunDir, append_jsonl, read_json_or_none, write_json_atomic
-from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, ExperimentSpec, PlannedRun, build_derived_config,
-                                            config_fingerprint, expand, run_identity)
+from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE,
+                                            ExperimentSpec, PlannedRun, build_derived_config, config_fingerprint,
+                                            expand, run_identity)
 
-MANIFEST_FILE = "experiment.json"
-RUNS_LOG_FILE = "runs.jsonl"
 DERIVED_CONFIG_FILE = "experiment-config.yaml"
-RUN_SPEC_FILE = "experiment-run.json"
 RUNNER_OUTPUT_FILE = "runner.out"
 LOCK_FILE = ".runner.lock"
 
