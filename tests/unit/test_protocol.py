@@ -7,7 +7,7 @@ from hetero_testnet.errors import ProtocolError
 def test_round_trip_every_message_type():
     msgs = [
         P.Hello(token="t", client_id=None, tier=1, helper_fraction=0.5),
-        P.Round(step=3, epoch=0, generation=1, lr=1e-3, sample_start=12, sample_count=4),
+        P.Round(step=3, epoch=0, generation=1, sample_start=12, sample_count=4),
         P.Reduced(step=3, generation=1, loss=None, tokens=10, trained_batches=1, ffn_width=512, helper_neurons=0,
                   compute_time_s=1.0, exchange_time_s=0.1, grad_norm=None, nan_inf=True, rss_mb=100.0),
         P.Shutdown(reason="done", status="finished"),

@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +80,6 @@ class PendingUpdate:
 class Client:
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
-        self.incarnation = uuid.uuid4().hex[:12]
         self.conn: P.Connection | None = None
         self.client_id: int | None = opts.client_id
         self.exchange: GradientExchange | None = None
@@ -94,8 +92,7 @@ class Client:
         self.conn = P.Connection.connect(o.coordinator_host, o.coordinator_port, o.connect_timeout_s)
         self.conn.send(P.Hello(token=o.token, client_id=self.client_id, tier=o.tier,
                                helper_fraction=o.helper_fraction, helper_rotation_interval=o.helper_rotation_interval,
-                               pid=os.getpid(), host=socket.gethostname(), device=o.device, threads=o.threads,
-                               incarnation=self.incarnation))
+                               pid=os.getpid(), host=socket.gethostname(), device=o.device, threads=o.threads))
         reply = self.conn.recv(o.connect_timeout_s)
         if isinstance(reply, P.Reject):
             raise ConfigError(f"coordinator refused this client: {reply.reason}")
@@ -189,7 +186,6 @@ class Client:
 
     def _rejoin(self) -> None:
         self._close()
-        self.incarnation = uuid.uuid4().hex[:12]
         welcome = self.connect()
         self.reducer.strategy.faults = NetworkFaults.from_wire(welcome.fault)
 
@@ -230,7 +226,7 @@ class Client:
                  g.members, "" if g.state_source_rank is None else f", state from rank {g.state_source_rank}",
                  form_s)
         self.conn.send(P.GroupReady(generation=g.generation, step=g.step,
-                                    checksum=parameter_checksum(self.model), form_time_s=form_s))
+                                    checksum=parameter_checksum(self.model)))
 
     def _state_tensors(self) -> list[torch.Tensor]:
         params = [p.data for _, p in self.model.named_parameters()]

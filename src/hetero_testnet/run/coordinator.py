@@ -119,7 +119,7 @@ class Coordinator:
         if member is None:
             return None
         writer.write(P.encode(P.Welcome(
-            run_id=self.cfg.run_id, client_id=member.client_id, config=self.cfg.to_dict(), seed=self.cfg.seed,
+            run_id=self.cfg.run_id, client_id=member.client_id, config=self.cfg.to_dict(),
             store_host=self.store_host, store_port=self.store_port, backend=self.opts.backend,
             sync=self.opts.sync,
             initial_checkpoint=str(self.opts.resume_checkpoint) if self.opts.resume_checkpoint else None,
@@ -243,7 +243,7 @@ class Coordinator:
         t0 = time.monotonic()
         for m in members:
             r = ranges[m.client_id]
-            m.send(P.Round(step=step, epoch=self.epoch, generation=self.totals.generation, lr=lr,
+            m.send(P.Round(step=step, epoch=self.epoch, generation=self.totals.generation,
                            sample_start=r.start, sample_count=r.count))
         gathered = await self._gather(members, lambda m, message: self._reduced(m, message, step, lr),
                                       t0 + self.timing.max_round_train_time)

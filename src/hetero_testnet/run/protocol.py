@@ -56,7 +56,6 @@ class Hello(Message):
     host: str = ""
     device: str = "cpu"
     threads: int = 1
-    incarnation: str = ""
 
 
 @dataclass(kw_only=True)
@@ -65,7 +64,6 @@ class GroupReady(Message):
     generation: int
     step: int
     checksum: str
-    form_time_s: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -137,7 +135,6 @@ class Welcome(Message):
     run_id: str
     client_id: int
     config: dict[str, Any]
-    seed: int
     store_host: str
     store_port: int
     backend: str
@@ -172,7 +169,6 @@ class Round(Message):
     step: int
     epoch: int
     generation: int
-    lr: float
     sample_start: int
     sample_count: int
 
