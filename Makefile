@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CONSTRAINT ?= constraints/cpu.txt
 ARGS ?=
+MAIN_ARGS ?= --num-clients 3 --tiers 0,1,1
 
 .PHONY: install run test clean
 install: $(VENV)/.installed
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINT)
 	touch $@
 
 run: install
-	$(BIN)/testnet start $(ARGS)
+	$(BIN)/testnet start $(MAIN_ARGS) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
