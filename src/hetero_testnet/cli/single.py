@@ -135,12 +135,23 @@ def eval_(
 ) -> None:
     """Print the validation loss (`val_loss=`) of a checkpoint at a tier."""
     from hetero_testnet.model.checkpoint import load_checkpoint
+
+    _set_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    t0 = time.perf_counter()
+    val, width, n = tier_val_loss(ckpt, tier, config, num_samples, batch_size)
+    print(_kv(val_loss=val, tier=tier, ffn_width=width, num_samples=n, step=ckpt.meta.get("step"),
+              eval_time_s=round(time.perf_counter() - t0, 2)))
+
+
+def tier_val_loss(ckpt, tier: int, config: Path | None, num_samples: int | None,
+                  batch_size: int) -> tuple[float, int, int]:
+    """(validation loss, FFN width, samples) of a loaded checkpoint at `tier`, on the validation data of
+    `config` (default: the bundled 20M config's); `eval` and `export` report the same number."""
     from hetero_testnet.data.shards import open_split
     from hetero_testnet.model.matformer import NeuronSet, ffn_width
     from hetero_testnet.model.train import evaluate
 
-    _set_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
     m = ckpt.model_config
     width = ffn_width(m.intermediate_size, tier)
     cfg = _load_config(config if config is not None else DEFAULT_CONFIG, None)
@@ -148,11 +159,8 @@ def eval_(
     if n < 1 or batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be >= 1")
     val_data = open_split(cfg.data, "val", m.max_seq_len, m.vocab_size)
-    model = ckpt.build_model()
-    t0 = time.perf_counter()
-    val = evaluate(model, val_data, NeuronSet(prefix_width=width), n, batch_size)
-    print(_kv(val_loss=val, tier=tier, ffn_width=width, num_samples=n, step=ckpt.meta.get("step"),
-              eval_time_s=round(time.perf_counter() - t0, 2)))
+    val = evaluate(ckpt.build_model(), val_data, NeuronSet(prefix_width=width), n, batch_size)
+    return val, width, n
 
 
 def register(app: typer.Typer) -> None:
