@@ -102,6 +102,19 @@ def read_token(token_file: Path | None) -> str:
     return token
 
 
+def warn_config(cfg):
+    """Print the config's one warning (Psyche fields with no effect here, fields nobody knows) on stderr;
+    returns `cfg`. Each command that reads a config file calls this once."""
+    import sys
+
+    from hetero_testnet.config.psyche import config_warning
+
+    line = config_warning(cfg.notes, cfg.source)
+    if line:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return cfg
+
+
 def resolve_device(device: str) -> str:
     """`--device` as this machine can honour it: auto picks cuda when available, else cpu."""
     check_choice(device, DEVICES, "--device")

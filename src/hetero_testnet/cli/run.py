@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from hetero_testnet.cli.options import (TokenFileOption, VerboseOption, parse_address, parse_float_list,
-                                        parse_int_list, parse_latency, read_token, resolve_device)
+                                        parse_int_list, parse_latency, read_token, resolve_device, warn_config)
 from hetero_testnet.config import DEFAULT_CONFIG
 from hetero_testnet.errors import ConfigError
 
@@ -106,6 +106,7 @@ def start(
         sync=sync, bind=bind, server_port=server_port, device=resolve_device(device), threads=threads,
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
+    warn_config(plan.config)
     if (tui if tui is not None else sys.stdout.isatty()) and not headless:
         from hetero_testnet.tui.live import run_with_dashboard
 
@@ -160,6 +161,7 @@ def coordinator(
         checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, total_steps=total_steps,
         network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit),
         listen_fd=listen_fd)
+    warn_config(cfg)
     setup_logging(lambda: "[coordinator]", stream=sys.stderr, verbose=verbose)
     raise typer.Exit(run_coordinator(cfg, opts))
 

@@ -44,9 +44,10 @@ def _set_threads(threads: int | None) -> int:
 
 
 def _load_config(config: Path, seed: int | None):
+    from hetero_testnet.cli.options import warn_config
     from hetero_testnet.config import load_run_config
 
-    cfg = load_run_config(config)
+    cfg = warn_config(load_run_config(config))
     return cfg if seed is None else cfg.replace(seed=seed)
 
 

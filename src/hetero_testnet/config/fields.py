@@ -10,22 +10,42 @@ from typing import Any
 from hetero_testnet.errors import ConfigError
 
 
+@dataclasses.dataclass
+class ConfigNotes:
+    """What a config said that does nothing here, collected while it is read (config/psyche.py words it)."""
+
+    psyche: bool = False
+    """A `.toml` read in Psyche mode: a field neither tool knows is noted (Psyche's deserializer ignores
+    unknown keys) instead of being an error, as it is in our own YAML."""
+    no_effect: list[str] = dataclasses.field(default_factory=list)
+    """Psyche fields this tool accepts but does not implement, as `path (what happens instead)`."""
+    unknown: list[str] = dataclasses.field(default_factory=list)
+    """Fields neither Psyche nor this tool knows (Psyche mode only)."""
+
+
 class Fields:
     """Pops fields from a mapping by dotted path, so leftovers can be reported as unknown."""
 
-    def __init__(self, raw: Any, path: str) -> None:
+    def __init__(self, raw: Any, path: str, notes: ConfigNotes | None = None) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config field {path or '<top>'} must be a mapping")
         self.raw = dict(raw)
         self.path = path
+        self.notes = notes if notes is not None else ConfigNotes()
+
+    def no_effect(self, key: str, why: str) -> None:
+        """Accept a Psyche field this tool does not implement: drop it and note `why` (what happens instead)."""
+        if key in self.raw:
+            self.raw.pop(key)
+            self.notes.no_effect.append(f"{self._name(key)} ({why})")
 
     def _name(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def section(self, key: str) -> "Fields":
-        return Fields(self.raw.pop(key, None), self._name(key))
+        return Fields(self.raw.pop(key, None), self._name(key), self.notes)
 
     def one_of(self, key: str, variant: str) -> "Fields":
         """A Psyche enum table like `lr_schedule.Cosine`: only `variant` is supported."""
@@ -46,6 +66,10 @@ class Fields:
         return coerce(value, kind, self._name(key))
 
     def done(self) -> None:
+        """Every field must have been taken: leftovers are an error, or in Psyche mode a note."""
+        if self.raw and self.notes.psyche:
+            self.notes.unknown.extend(self._name(str(k)) for k in self.raw)
+            self.raw.clear()
         if self.raw:
             unknown = ", ".join(self._name(str(k)) for k in self.raw)
             raise ConfigError(f"unknown config field {unknown}")

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from hetero_testnet.config.fields import Fields, dataclass_from, int_tuple, location
+from hetero_testnet.config import psyche as _psyche
+from hetero_testnet.config.fields import ConfigNotes, Fields, dataclass_from, int_tuple, location
 from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DataConfig, LRScheduleConfig, ModelConfig,
                                           OptimizerConfig, RunConfig, RunTimingConfig)
 from hetero_testnet.errors import ConfigError
@@ -65,7 +66,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"malformed config {file}: {detail}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config {file} must be a mapping at the top level")
-    return parse_run_config(raw, base_dir=file.parent.resolve(), source=file)
+    return parse_run_config(raw, base_dir=file.parent.resolve(), source=file, psyche=file.suffix == ".toml")
 
 
 def _read_text(file: Path) -> str:
@@ -78,32 +79,38 @@ def _read_text(file: Path) -> str:
 _TIMING_FIELDS = {f.name: (int if f.type in ("int", int) else float) for f in dataclasses.fields(RunTimingConfig)}
 _MODEL_FIELDS = {f.name: (int if f.type in ("int", int) else float)
                  for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_len"}
-_LR_FIELDS = {"base_lr": float, "warmup_steps": int, "warmup_init_lr": float, "total_steps": int, "final_lr": float}
 _OPT_FIELDS = {"betas": tuple, "weight_decay": float, "eps": float, "clip_grad_norm": float}
 
 
-def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> RunConfig:
-    top = Fields(raw, "")
+def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None,
+                     psyche: bool = False) -> RunConfig:
+    """The RunConfig of a parsed file. `psyche`: a `.toml` read in Psyche mode, where a field neither
+    tool knows is a warning (`RunConfig.notes`) rather than an error (config/psyche.py)."""
+    top = Fields(raw, "", ConfigNotes(psyche=psyche))
     run_id = top.take("run_id", str)
     seed = top.take("seed", int, 1337)
-    timing = dataclass_from(RunTimingConfig, top.section("config"), _TIMING_FIELDS)
+    _psyche.note_no_effect(top, "")
+    timing_fields = top.section("config")
+    _psyche.note_present(timing_fields, "config", {"verification_percent": 0, "witness_nodes": 1})
+    timing = dataclass_from(RunTimingConfig, timing_fields, _TIMING_FIELDS)
 
     model_section = top.section("model")
     llm = model_section.section("LLM")
     model_section.done()
-    llm.take("architecture", str, "HfNanoGPT")
+    _psyche.architecture(llm)
+    _psyche.note_no_effect(llm, "model.LLM")
     data_type = llm.take("data_type", str, "Pretraining")
     if data_type != "Pretraining":
         raise ConfigError(f"config field model.LLM.data_type must be Pretraining (got {data_type!r})")
     max_seq_len = llm.take("max_seq_len", int, 512)
     micro_batch_size = llm.take("micro_batch_size", int, 0)
-    train_dir = location(llm, "data_location", base_dir, None)
+    train_dir = _psyche.data_location(llm, "data_location", base_dir)
     train_pattern = llm.take("train_pattern", str, DataConfig.__dataclass_fields__["train_pattern"].default)
-    # Psyche's initial checkpoint: ours is built from the seed (`testnet init`), so it is read and ignored.
-    llm.section("checkpoint")
+    _psyche.checkpoint(llm)  # Psyche's initial checkpoint: ours is built from the seed (`testnet init`)
     model = dataclass_from(ModelConfig, llm.section("architecture_config"), _MODEL_FIELDS)
     model = dataclasses.replace(model, max_seq_len=max_seq_len)
-    lr = dataclass_from(LRScheduleConfig, llm.one_of("lr_schedule", "Cosine"), _LR_FIELDS)
+    lr = _psyche.lr_schedule(llm)
+    _psyche.optimizer_defaults(llm)
     opt = dataclass_from(OptimizerConfig, llm.one_of("optimizer", "AdamW"), _OPT_FIELDS)
     llm.done()
 
@@ -123,7 +130,8 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     val.done()
     top.done()
     return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
-                     optimizer=opt, micro_batch_size=micro_batch_size, source=source)
+                     optimizer=opt, micro_batch_size=micro_batch_size, source=source,
+                     notes=_psyche.notes_of(top.notes))
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -47,17 +47,40 @@ class ModelConfig:
                  "model.rms_norm_eps, init_std and rope_theta must be > 0")
 
 
+LR_SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
+    "Constant": ("base_lr", "warmup_steps", "warmup_init_lr"),
+    "Linear": ("base_lr", "warmup_steps", "warmup_init_lr", "total_steps", "final_lr"),
+    "Cosine": ("base_lr", "warmup_steps", "warmup_init_lr", "total_steps", "final_lr"),
+    "WarmupStableDecay": ("base_lr", "warmup_steps", "warmup_init_lr", "stable_steps", "cosine_decay_steps",
+                          "cosine_decay_final_lr", "linear_decay_steps", "linear_decay_final_lr"),
+}
+"""Psyche's `LearningRateSchedule` variants (psyche_core `definitions.rs`) and the fields each one has."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LRScheduleConfig:
-    """Psyche's cosine schedule with linear warmup, indexed by step."""
+    """Psyche's learning-rate schedules, indexed by step (`model.optim.lr_at` has the formulas):
+    `kind` is Constant, Linear, Cosine or WarmupStableDecay; each reads the fields
+    `LR_SCHEDULE_FIELDS[kind]` names, the others keep their defaults."""
 
+    kind: str = "Cosine"
     base_lr: float = 6.0e-4
     warmup_steps: int = 50
     warmup_init_lr: float = 0.0
     total_steps: int = 100
     final_lr: float = 6.0e-5
+    stable_steps: int = 0
+    """WarmupStableDecay: steps at base_lr after the warmup."""
+    cosine_decay_steps: int = 0
+    cosine_decay_final_lr: float = 0.0
+    linear_decay_steps: int = 0
+    linear_decay_final_lr: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(self.kind in LR_SCHEDULE_FIELDS,
+                 f"lr_schedule must be one of {', '.join(LR_SCHEDULE_FIELDS)} (got {self.kind!r})")
+        for name in ("stable_steps", "cosine_decay_steps", "linear_decay_steps"):
+            _require(getattr(self, name) >= 0, f"lr_schedule.{name} must be >= 0")
         _require(self.base_lr > 0, "lr_schedule.base_lr must be > 0")
         _require(self.warmup_steps >= 0, "lr_schedule.warmup_steps must be >= 0")
         _require(self.total_steps >= 1, "lr_schedule.total_steps must be >= 1")
@@ -169,6 +192,9 @@ class RunConfig:
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a client (0 = the whole local batch at once)."""
     source: Path | None = None
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """Warnings about the file it came from (Psyche fields with no effect here, fields nobody knows):
+    `config.psyche.config_warning` words them; the CLI prints them once."""
 
     def __post_init__(self) -> None:
         _require(bool(self.run_id), "run_id must not be empty")
@@ -205,7 +231,8 @@ class RunConfig:
             "data_location": {"Local": str(self.data.train_dir)},
             "train_pattern": self.data.train_pattern,
             "architecture_config": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "max_seq_len"},
-            "lr_schedule": {"Cosine": dataclasses.asdict(self.lr_schedule)},
+            "lr_schedule": {self.lr_schedule.kind: {k: getattr(self.lr_schedule, k)
+                                                    for k in LR_SCHEDULE_FIELDS[self.lr_schedule.kind]}},
             "optimizer": {"AdamW": {**dataclasses.asdict(self.optimizer), "betas": list(self.optimizer.betas)}},
         }
         validation = {

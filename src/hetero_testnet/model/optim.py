@@ -28,21 +28,47 @@ _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def lr_at(step: int, cfg: LRScheduleConfig) -> float:
-    """Psyche's learning rate at `step`: linear warmup, then cosine decay to `final_lr`.
+    """Psyche's learning rate at `step` (psyche_core `definitions.rs`); every kind warms up linearly,
+    `step < warmup`: `init + (base - init) * step / warmup`, and then:
 
-    - `step < warmup`: `init + (base - init) * step / warmup`
-    - otherwise: `final + (base - final) * 0.5 * (1 + cos(pi * progress))`, with
+    - Cosine: `final + (base - final) * 0.5 * (1 + cos(pi * progress))`, with
       `progress = (step - warmup) / (total - warmup)` clamped to [0, 1], so steps past `total_steps`
       (a run extended beyond its schedule) stay at `final_lr` instead of climbing the cosine back up.
       When `total <= warmup` the decay has no length and progress is 1.
+    - Constant: `base`. Linear: `base + (final - base) * progress` (the same clamped progress).
+    - WarmupStableDecay: `base` for `stable_steps`, a cosine to `cosine_decay_final_lr` over
+      `cosine_decay_steps`, a line to `linear_decay_final_lr` over `linear_decay_steps`, then that.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0 (got {step})")
     warmup, total = cfg.warmup_steps, cfg.total_steps
     if step < warmup:
         return cfg.warmup_init_lr + (cfg.base_lr - cfg.warmup_init_lr) * step / warmup
+    if cfg.kind != "Cosine":
+        return _lr_after_warmup(step - warmup, cfg)
     progress = 1.0 if total <= warmup else min(1.0, (step - warmup) / (total - warmup))
     return cfg.final_lr + (cfg.base_lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _lr_after_warmup(s: int, cfg: LRScheduleConfig) -> float:
+    """Constant, Linear and WarmupStableDecay at `s` steps after the warmup (see `lr_at`)."""
+    if cfg.kind == "Constant":
+        return cfg.base_lr
+    if cfg.kind == "Linear":
+        length = cfg.total_steps - cfg.warmup_steps
+        progress = 1.0 if length <= 0 else min(1.0, s / length)
+        return cfg.base_lr + (cfg.final_lr - cfg.base_lr) * progress
+    if s < cfg.stable_steps:
+        return cfg.base_lr
+    s -= cfg.stable_steps
+    if s < cfg.cosine_decay_steps:
+        decay = 0.5 * (1.0 + math.cos(math.pi * s / cfg.cosine_decay_steps))
+        return cfg.cosine_decay_final_lr + (cfg.base_lr - cfg.cosine_decay_final_lr) * decay
+    s -= cfg.cosine_decay_steps
+    if s < cfg.linear_decay_steps:
+        drop = cfg.cosine_decay_final_lr - cfg.linear_decay_final_lr
+        return cfg.cosine_decay_final_lr - drop * s / cfg.linear_decay_steps
+    return cfg.linear_decay_final_lr
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:
