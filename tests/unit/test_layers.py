@@ -2,9 +2,9 @@
 
 Layer order (README "How it works"): imports flow one way, from a higher layer to a lower one:
 
-    cli  ->  run | experiments | tui  ->  exchange  ->  model  ->  data  ->  config  ->  errors, events, rundir
+    cli  ->  run | experiments | tui | metrics  ->  exchange  ->  model  ->  data  ->  config  ->  errors, events, rundir
 
-`tui` and `experiments` sit on one layer and never import each other; `run` is one layer below them
+`tui`, `experiments` and `metrics` sit on one layer and never import each other; `run` is one layer below them
 (the experiment runner starts runs through `run.processes`). Every import counts: module level,
 function-local and under `TYPE_CHECKING` alike, because a cycle hidden there is still a design cycle.
 """
@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     "model": 3,
     "exchange": 4,
     "run": 5,
-    "tui": 6, "experiments": 6,
+    "tui": 6, "experiments": 6, "metrics": 6,
     "cli": 7,
     "__main__": 8,
 }

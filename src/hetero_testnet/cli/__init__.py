@@ -49,6 +49,7 @@ def _register_subcommands() -> None:
     from hetero_testnet.cli import data as cli_data
     from hetero_testnet.cli import experiment as cli_experiment
     from hetero_testnet.cli import export as cli_export
+    from hetero_testnet.cli import metrics as cli_metrics
     from hetero_testnet.cli import run as cli_run
     from hetero_testnet.cli import single as cli_single
     from hetero_testnet.cli import watch as cli_watch
@@ -56,6 +57,7 @@ def _register_subcommands() -> None:
     cli_watch.register(app)
     cli_single.register(app)
     cli_export.register(app)
+    cli_metrics.register(app)
     app.add_typer(cli_data.data_app, name="data")
     cli_experiment.register(app)
 

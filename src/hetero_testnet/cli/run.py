@@ -21,6 +21,8 @@ import typer
 
 from hetero_testnet.cli.options import (TokenFileOption, VerboseOption, parse_address, parse_float_list,
                                         parse_int_list, parse_latency, read_token, resolve_device, warn_config)
+from hetero_testnet.cli.metrics import (WandbEntityOption, WandbGroupOption, WandbProjectOption, finish_stream,
+                                        start_wandb_stream)
 from hetero_testnet.config import DEFAULT_CONFIG
 from hetero_testnet.errors import ConfigError
 
@@ -87,9 +89,11 @@ def start(
                                                             "exchange: BASE or BASE-JITTER ms.")] = None,
     fault_bandwidth_limit: Annotated[float, typer.Option("--fault-bandwidth-limit", help="Bytes/s cap applied "
                                                          "to each client's exchange (0 = none).")] = 0.0,
+    wandb_project: WandbProjectOption = None,
+    wandb_group: WandbGroupOption = None,
+    wandb_entity: WandbEntityOption = None,
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
-    from hetero_testnet.run.launcher import Launcher
     from hetero_testnet.run.plan import FaultPlan, plan_launch
 
     tier_list = parse_int_list(tiers, "--tiers")
@@ -107,17 +111,32 @@ def start(
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
     warn_config(plan.config)
-    if (tui if tui is not None else sys.stdout.isatty()) and not headless:
+    stream = None
+    if wandb_project:
+        stream = start_wandb_stream(plan.run_dir, project=wandb_project, group=wandb_group, entity=wandb_entity,
+                                    config={"num_clients": num_clients, "tiers": [s.tier for s in plan.clients],
+                                            **plan.config.to_dict()})
+    try:
+        code = _run(plan, dashboard=(tui if tui is not None else sys.stdout.isatty()) and not headless)
+    finally:
+        if stream is not None:
+            finish_stream(stream)
+    raise typer.Exit(code)
+
+
+def _run(plan, *, dashboard: bool) -> int:
+    """The launcher under the dashboard, or with headless progress lines; its exit code."""
+    from hetero_testnet.run.launcher import Launcher
+
+    if dashboard:
         from hetero_testnet.tui.live import run_with_dashboard
 
-        code = run_with_dashboard(Launcher, plan)
-    else:
-        from hetero_testnet.tui.headless import HeadlessProgress
+        return run_with_dashboard(Launcher, plan)
+    from hetero_testnet.tui.headless import HeadlessProgress
 
-        print(f"run {plan.run_dir.name}: {num_clients} clients, tiers {','.join(str(s.tier) for s in plan.clients)}, "
-              f"{plan.config.timing.total_steps} steps, logs in {plan.run_dir}/", flush=True)
-        code = Launcher(plan, on_event=HeadlessProgress()).run()
-    raise typer.Exit(code)
+    print(f"run {plan.run_dir.name}: {len(plan.clients)} clients, tiers {','.join(str(s.tier) for s in plan.clients)}, "
+          f"{plan.config.timing.total_steps} steps, logs in {plan.run_dir}/", flush=True)
+    return Launcher(plan, on_event=HeadlessProgress()).run()
 
 
 def coordinator(
