@@ -63,6 +63,7 @@ class Event(StrEnum):
     CLIENT_REJECTED = "client_rejected"
     CLIENT_LOST = "client_lost"
     CLIENT_RESTARTED = "client_restarted"
+    CLIENT_EXITED = "client_exited"
     FAULT_KILL = "fault_kill"
     GENERATION = "generation"
     GENERATION_FAILED = "generation_failed"
@@ -77,6 +78,9 @@ class Event(StrEnum):
     PAUSE = "pause"
     RESUME = "resume"
     PROTOCOL_ERROR = "protocol_error"
+    CONNECTION_DROPPED = "connection_dropped"
+    COMPUTE_DONE = "compute_done"
+    RESTORED = "restored"
     RUN_FINISHED = "run_finished"
 
 

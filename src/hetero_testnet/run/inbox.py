@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from hetero_testnet.errors import ProtocolError, RunAborted
@@ -34,8 +35,23 @@ log = logging.getLogger("hetero_testnet")
 
 HELLO_TIMEOUT_S = 10.0
 """A new connection must say hello within this time, or it is closed."""
+HANG_CHECK_INTERVAL_S = 1.0
+"""How often a wait for replies looks for hung members."""
 _JOINED = object()
 """Queued (never sent) when a client is admitted, so waits re-check membership at once."""
+
+
+@dataclass
+class Gathered:
+    """What `Inbox.gather` collected, and why it stopped early (if it did)."""
+
+    replies: dict[int, Any]
+    """client id -> the reply accepted from it."""
+    failure: str | None = None
+    """Why the wait failed: the generation broke, a member hung, or a member reported a failure."""
+    timed_out: bool = False
+    late: list[Member] = field(default_factory=list)
+    """At a timeout: the live members without a reply (the caller drops them, with its reason)."""
 
 
 class Inbox:
@@ -143,3 +159,39 @@ class Inbox:
             if item is None and time.monotonic() >= deadline:
                 raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected "
                                  f"after waiting {timeout_s:.0f} s")
+
+    async def gather(self, members: list[Member], accept: Callable[[Member, Any], bool | str],
+                     deadline: float, *, step: int) -> Gathered:
+        """Wait until each of `members` has sent a reply, the wait fails, or `deadline` (monotonic) passes.
+
+        `accept(member, message)` returns True for a reply (kept by client id), a reason for a message
+        that fails the wait (a `RoundFailed`), and False for anything else. It returns early when:
+        - the generation broke (a member was lost or replaced): `failure` is `membership.broken`;
+        - a member sent nothing, not even a heartbeat, for `membership.HANG_TIMEOUT_S`: it is
+          dropped (it may rejoin) and `failure` names it; the others may be blocked in a collective
+          with it, not hung;
+        - `accept` returned a reason: that is the `failure`;
+        - the deadline passed: `timed_out`, and `late` lists the live members without a reply, for
+          the caller to drop with its own reason.
+        The replies are complete only when none of these happened; the caller must not commit otherwise.
+        """
+        replies: dict[int, Any] = {}
+        while len(replies) < len(members):
+            if self.membership.broken:
+                return Gathered(replies, failure=self.membership.broken)
+            waiting = [m for m in members if m.client_id not in replies]
+            hung = self.membership.drop_hung(waiting, step=step)
+            if hung:
+                return Gathered(replies, failure=hung)
+            item = await self.next_message(min(deadline, time.monotonic() + HANG_CHECK_INTERVAL_S))
+            if item is None:
+                if time.monotonic() < deadline:
+                    continue
+                return Gathered(replies, timed_out=True, late=[m for m in waiting if m.alive])
+            member, message = item
+            verdict = accept(member, message)
+            if verdict is True:
+                replies[member.client_id] = message
+            elif verdict:
+                return Gathered(replies, failure=verdict)
+        return Gathered(replies)
