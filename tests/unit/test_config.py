@@ -73,7 +73,7 @@ def test_round_trip_through_to_dict():
     ("run_id: x\nbogus: 1\n", "bogus"),
     ("run_id: x\nconfig: {total_stepz: 3}\n", "config.total_stepz"),
     ("run_id: x\nconfig: {total_steps: -1}\n", "total_steps"),
-    ("run_id: x\nmodel: {LLM: {optimizer: {SGD: {}}}}\n", "optimizer"),
+    ("run_id: x\nmodel: {LLM: {optimizer: {Lion: {}}}}\n", "optimizer"),
     ("run_id: x\nconfig: {min_clients: 'three'}\n", "config.min_clients"),
     ("run_id: [unclosed\n", "malformed"),
     ("- just a list\n", "mapping"),

@@ -248,7 +248,7 @@ def test_lost_peer_raises_peer_lost():
 
 
 def test_registry():
-    assert sync_names() == ("allreduce", "none")
+    assert sync_names() == ("allreduce", "none", "demo", "diloco")
     assert isinstance(build_sync("none"), NoSync)
     assert isinstance(build_sync("allreduce", _exchange()), AllReduceSync)
     with pytest.raises(ConfigError, match="allreduce, none"):

@@ -180,7 +180,7 @@ def test_client_row_columns():
     row = snap.clients[2]
     assert (row.helper_neurons, row.last_loss, row.step_time_s, row.rss_mb) == (8, 5.4321, 0.5, 321.4)
     text = render_text(snap, now=5.0, view=View(), width=100, height=30)
-    assert re.search(r"│\s+2\s+1\s+50%\s+8\s+training\s+5\.4321\s+0\.500\s+100\s+321\s+0\s+│", text), text
+    assert re.search(r"│\s+2\s+1\s+50%\s+8\s+training\s+5\.4321\s+0\.500\s+100\s+-\s+321\s+0\s+│", text), text
 
 
 def test_nan_loss_is_a_warning_and_a_dash():
@@ -360,12 +360,13 @@ def _console() -> tuple[Console, io.StringIO]:
 def test_run_with_dashboard_returns_the_code_and_prints_the_status(tmp_path, capsys):
     FakeLauncher.instances.clear()
     console, buf = _console()
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under a background job or nohup, else Python's
     code = run_with_dashboard(FakeLauncher, _Plan(tmp_path / "demo"), console=console)
     assert code == 0
     launcher = FakeLauncher.instances[-1]
     assert launcher.thread is not threading.main_thread()
     assert "run demo finished: completed 4 of 4 steps | 4/4 steps" in buf.getvalue()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_ctrl_c_asks_the_launcher_for_a_clean_stop(tmp_path):

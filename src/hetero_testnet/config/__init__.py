@@ -11,9 +11,11 @@ directory can be moved together with its data.
 
 from hetero_testnet.config.load import (BUNDLED_CONFIGS_DIR, DEFAULT_CONFIG, DEFAULT_DATA_DIR, dump_yaml,
                                         find_config_file, load_run_config, parse_run_config, resolve_config_path)
-from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DIRECTORY_NAME, DataConfig, LRScheduleConfig, ModelConfig,
-                                          OptimizerConfig, RunConfig, RunTimingConfig)
+from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DIRECTORY_NAME, OPTIMIZER_KINDS, DataConfig,
+                                          LRScheduleConfig, ModelConfig, OptimizerConfig, RunConfig, RunTimingConfig)
+from hetero_testnet.config.sync import SYNC_MODES, DemoSyncConfig, DiLoCoConfig, SyncConfig, shares_model
 
 __all__ = ["BUNDLED_CONFIGS_DIR", "CONFIG_FILE_NAMES", "DEFAULT_CONFIG", "DEFAULT_DATA_DIR", "DIRECTORY_NAME",
-           "DataConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig", "RunConfig", "RunTimingConfig",
-           "dump_yaml", "find_config_file", "load_run_config", "parse_run_config", "resolve_config_path"]
+           "OPTIMIZER_KINDS", "SYNC_MODES", "DataConfig", "DemoSyncConfig", "DiLoCoConfig", "LRScheduleConfig",
+           "ModelConfig", "OptimizerConfig", "RunConfig", "RunTimingConfig", "SyncConfig", "dump_yaml",
+           "find_config_file", "load_run_config", "parse_run_config", "resolve_config_path", "shares_model"]

@@ -57,6 +57,18 @@ class Fields:
                               f"(got {', '.join(map(str, sub.raw))})")
         return sub.section(variant)
 
+    def variant(self, key: str, choices: tuple[str, ...]) -> tuple[str | None, "Fields"]:
+        """A Psyche enum table with several supported variants, e.g. `optimizer.AdamW` or
+        `optimizer.Distro`: (the variant's name, its fields); (None, empty) when the table is absent."""
+        sub = self.section(key)
+        if not sub.raw:
+            return None, sub
+        if len(sub.raw) != 1 or next(iter(sub.raw)) not in choices:
+            raise ConfigError(f"config field {sub.path} must be one of "
+                              f"{' | '.join(f'{{{c}: ...}}' for c in choices)} (got {', '.join(map(str, sub.raw))})")
+        name = str(next(iter(sub.raw)))
+        return name, sub.section(name)
+
     def take(self, key: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
         if key not in self.raw:
             if default is dataclasses.MISSING:
@@ -100,11 +112,13 @@ def int_tuple(values: list, name: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def dataclass_from(cls: type, fields: Fields, names: dict[str, type]) -> Any:
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+def dataclass_from(cls: type, fields: Fields, names: dict[str, type], **fixed: Any) -> Any:
+    """`cls` from the `names` fields of `fields` (absent ones take the dataclass default, or the
+    value given in `fixed`, which also sets fields that are not read at all)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} | fixed
     kwargs = {n: fields.take(n, kind, defaults.get(n, dataclasses.MISSING)) for n, kind in names.items()}
     fields.done()
-    return cls(**kwargs)
+    return cls(**(fixed | kwargs))
 
 
 def location(fields: Fields, key: str, base_dir: Path, default: Path | None) -> Path | None:

@@ -17,6 +17,7 @@ from hetero_testnet.config import psyche as _psyche
 from hetero_testnet.config.fields import ConfigNotes, Fields, dataclass_from, int_tuple, location
 from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DataConfig, LRScheduleConfig, ModelConfig,
                                           OptimizerConfig, RunConfig, RunTimingConfig)
+from hetero_testnet.config.sync import DemoSyncConfig, DiLoCoConfig, SyncConfig
 from hetero_testnet.errors import ConfigError
 
 
@@ -80,6 +81,9 @@ _TIMING_FIELDS = {f.name: (int if f.type in ("int", int) else float) for f in da
 _MODEL_FIELDS = {f.name: (int if f.type in ("int", int) else float)
                  for f in dataclasses.fields(ModelConfig) if f.name != "max_seq_len"}
 _OPT_FIELDS = {"betas": tuple, "weight_decay": float, "eps": float, "clip_grad_norm": float}
+_SGD_FIELDS = {"weight_decay": float, "clip_grad_norm": float}
+_DEMO_FIELDS = {"topk": int, "chunk": int, "decay": float, "quantize_1bit": bool, "values": str, "apply": str}
+_DILOCO_FIELDS = {"inner_steps": int, "outer_lr": float, "outer_momentum": float, "bf16": bool}
 
 
 def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None,
@@ -111,7 +115,7 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     model = dataclasses.replace(model, max_seq_len=max_seq_len)
     lr = _psyche.lr_schedule(llm)
     _psyche.optimizer_defaults(llm)
-    opt = dataclass_from(OptimizerConfig, llm.one_of("optimizer", "AdamW"), _OPT_FIELDS)
+    opt, distro = _optimizer(llm)
     llm.done()
 
     val = top.section("validation")
@@ -128,10 +132,49 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
         eval_tiers=int_tuple(val.take("tiers", list, []), "validation.tiers"),
     )
     val.done()
+    sync = _sync(top.section("sync"), distro)
     top.done()
     return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
-                     optimizer=opt, micro_batch_size=micro_batch_size, source=source,
+                     optimizer=opt, sync=sync, micro_batch_size=micro_batch_size, source=source,
                      notes=_psyche.notes_of(top.notes))
+
+
+def _optimizer(llm: Fields) -> tuple[OptimizerConfig, DemoSyncConfig | None]:
+    """`model.LLM.optimizer`: AdamW (Psyche's), SGD (ours) or Distro (Psyche's DisTrO, which means
+    `--sync demo`: returned as its `DemoSyncConfig`, with its clip and weight decay in the optimizer)."""
+    kind, fields = llm.variant("optimizer", ("AdamW", "SGD", "Distro"))
+    if kind in (None, "AdamW"):
+        return dataclass_from(OptimizerConfig, fields, _OPT_FIELDS), None
+    if kind == "SGD":
+        return dataclass_from(OptimizerConfig, fields, _SGD_FIELDS, kind="SGD", weight_decay=0.0), None
+    # Psyche's Option<f32> fields: absent means no clipping / no weight decay
+    opt = OptimizerConfig(clip_grad_norm=fields.take("clip_grad_norm", float, 0.0),
+                          weight_decay=fields.take("weight_decay", float, 0.0))
+    d = DemoSyncConfig()
+    demo = DemoSyncConfig(decay=fields.take("compression_decay", float, d.decay),
+                          topk=fields.take("compression_topk", int, d.topk),
+                          chunk=fields.take("compression_chunk", int, d.chunk),
+                          quantize_1bit=fields.take("quantize_1bit", bool, d.quantize_1bit))
+    fields.done()
+    return opt, demo
+
+
+def _sync(section: Fields, distro: DemoSyncConfig | None) -> SyncConfig:
+    """Our `sync:` section; a Psyche `optimizer.Distro` selects mode demo with its settings (then
+    `sync.demo` may add only our own `values` and `apply`)."""
+    mode = section.take("mode", str, "demo" if distro is not None else "allreduce")
+    if distro is not None and mode != "demo":
+        raise ConfigError(f"config field model.LLM.optimizer.Distro means sync mode demo, but sync.mode is {mode!r}")
+    demo_fields = section.section("demo")
+    if distro is not None:
+        demo = dataclasses.replace(distro, values=demo_fields.take("values", str, distro.values),
+                                   apply=demo_fields.take("apply", str, distro.apply))
+        demo_fields.done()
+    else:
+        demo = dataclass_from(DemoSyncConfig, demo_fields, _DEMO_FIELDS)
+    diloco = dataclass_from(DiLoCoConfig, section.section("diloco"), _DILOCO_FIELDS)
+    section.done()
+    return SyncConfig(mode=mode, demo=demo, diloco=diloco)
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

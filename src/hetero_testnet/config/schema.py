@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetero_testnet.config.sync import SyncConfig
 from hetero_testnet.errors import ConfigError
 
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "state.toml")
@@ -88,16 +89,25 @@ class LRScheduleConfig:
                  "lr_schedule.final_lr and warmup_init_lr must be >= 0")
 
 
+OPTIMIZER_KINDS = ("AdamW", "SGD")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OptimizerConfig:
-    """AdamW as in Psyche's `[model.LLM.optimizer.AdamW]`; clip is by global L2 norm (0 = off)."""
+    """AdamW as in Psyche's `[model.LLM.optimizer.AdamW]`, or plain SGD (`optimizer: {SGD: {...}}`,
+    ours: `p -= lr * g` with the same decoupled weight decay and masks); clip is by global L2 norm
+    (0 = off). Under `--sync demo` only `weight_decay` and `clip_grad_norm` are read (sync.py)."""
 
+    kind: str = "AdamW"
+    """AdamW or SGD (SGD reads only weight_decay and clip_grad_norm)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     eps: float = 1.0e-8
     clip_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
+        _require(self.kind in OPTIMIZER_KINDS, f"optimizer must be one of {', '.join(OPTIMIZER_KINDS)} "
+                                               f"(got {self.kind!r})")
         _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                  "optimizer.betas must be two numbers in [0, 1)")
         _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
@@ -189,6 +199,8 @@ class RunConfig:
     data: DataConfig
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """How replicas share updates (`--sync`); see config/sync.py."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a client (0 = the whole local batch at once)."""
     source: Path | None = None
@@ -233,7 +245,7 @@ class RunConfig:
             "architecture_config": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "max_seq_len"},
             "lr_schedule": {self.lr_schedule.kind: {k: getattr(self.lr_schedule, k)
                                                     for k in LR_SCHEDULE_FIELDS[self.lr_schedule.kind]}},
-            "optimizer": {"AdamW": {**dataclasses.asdict(self.optimizer), "betas": list(self.optimizer.betas)}},
+            "optimizer": {self.optimizer.kind: self._optimizer_fields()},
         }
         validation = {
             "data_location": {"Local": str(self.data.resolved_val_dir)},
@@ -243,7 +255,14 @@ class RunConfig:
             "tiers": list(self.data.eval_tiers),
         }
         return {"run_id": self.run_id, "seed": self.seed, "config": timing,
-                "model": {"LLM": llm}, "validation": validation}
+                "model": {"LLM": llm}, "validation": validation, "sync": self.sync.to_dict()}
+
+    def _optimizer_fields(self) -> dict[str, Any]:
+        o = self.optimizer
+        if o.kind == "SGD":
+            return {"weight_decay": o.weight_decay, "clip_grad_norm": o.clip_grad_norm}
+        return {"betas": list(o.betas), "weight_decay": o.weight_decay, "eps": o.eps,
+                "clip_grad_norm": o.clip_grad_norm}
 
 
 def _require(condition: bool, message: str) -> None:

@@ -34,6 +34,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import AllgatherOptions
 
 from hetero_testnet.errors import PeerLostError
 from hetero_testnet.exchange.formation import AbandonedFormations, Formation, PhaseHook
@@ -147,7 +148,7 @@ class GradientExchange:
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
 
         def op(group: dist.ProcessGroup, timeout: timedelta | None) -> dist.Work:
-            opts = dist.AllgatherOptions()
+            opts = AllgatherOptions()  # not re-exported by torch.distributed in this torch
             if timeout is not None:
                 opts.timeout = timeout
             return group.allgather([out], [tensor], opts)

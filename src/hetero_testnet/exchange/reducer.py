@@ -41,7 +41,8 @@ class ReducedStep:
     clip_coefficient: float
     """`optim.clip_coefficient(grad_norm, max)`; the buffer was scaled by it only if it is below 1."""
     bytes_moved: int
-    """Bytes of the tensors SUM-reduced over the group (buffer + norm partials); 0 without a collective."""
+    """Bytes of the tensors SUM-reduced over the group (buffer as `SyncStrategy.wire_bytes` puts it on
+    the wire, + norm partials); 0 without a collective."""
     bytes_sent: int
     """Estimated bytes this rank sent: 2 (W-1)/W of `bytes_moved`, as a ring all-reduce moves them
     (gloo may pick another algorithm; this is a model, not a measurement)."""
@@ -65,11 +66,16 @@ class MaskedGradientReducer:
     """
 
     def __init__(self, layout: BufferLayout, strategy: SyncStrategy, *, max_grad_norm: float,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", buffer: torch.Tensor | None = None) -> None:
+        """`buffer`: share another reducer's buffer (a local clip and a collective reduction of the
+        same gradients, as `--sync diloco` does); by default a new zero buffer on `device`."""
         self.layout = layout
         self.strategy = strategy
         self.max_grad_norm = max_grad_norm
-        self.buffer = torch.zeros(layout.total_numel, dtype=torch.float32, device=device)
+        if buffer is not None and (buffer.numel() != layout.total_numel or buffer.dtype != torch.float32):
+            raise ValueError(f"a shared buffer must be {layout.total_numel} float32 elements")
+        self.buffer = buffer if buffer is not None else torch.zeros(layout.total_numel, dtype=torch.float32,
+                                                                    device=device)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, layout: BufferLayout, strategy: SyncStrategy, *,
@@ -126,7 +132,7 @@ class MaskedGradientReducer:
         coefficient = clip_coefficient(grad_norm, self.max_grad_norm)
         if coefficient < 1.0:  # a NaN norm gives 1.0: never scaled; the caller reports it as diverged
             self.buffer[:self.layout.grad_numel].mul_(coefficient)
-        moved = (self.buffer.numel() * 4 + world * 8) if world > 1 else 0
+        moved = (self.strategy.wire_bytes(self.buffer) + world * 8) if world > 1 else 0
         ring = 2 * (world - 1) * moved // world
         return ReducedStep(update_masks=update_masks, grad_norm=grad_norm, clip_coefficient=coefficient,
                            bytes_moved=moved, bytes_sent=ring, bytes_received=ring, fault_delay_s=fault_delay,

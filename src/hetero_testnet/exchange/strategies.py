@@ -10,6 +10,16 @@ a new one is a subclass here plus one line in that registry.
   group (`GradientExchange`), so every replica applies the same average.
 - `none`: independent replicas. No collective and no fault delay; each client averages only its
   own contribution.
+- `demo`: no buffer is summed. `DemoSync.all_gather` moves every client's DeMo payload (a flat
+  uint8 tensor of the same length on every client) with one gloo all_gather; the decode is
+  `exchange/demo_codec.py`, the step `exchange/demo_stepper.py`.
+- `diloco`: `allreduce` of the pseudo-gradient buffer once per round (`exchange/diloco_stepper.py`),
+  optionally with the gradient part as bfloat16 on the wire.
+
+Bytes and the bandwidth fault: each strategy charges `NetworkFaults.delay_s` on the bytes it puts
+on the wire (`wire_bytes`): `allreduce` the float32 buffer, as charged since the start (a ring moves
+2 (W-1)/W of it each way); `diloco` the same buffer (bf16 part halved); `demo` (W-1) payloads, what
+one rank sends in an all_gather.
 
 `SingleProcess` is not a `--sync` choice: it is the one-process baseline (`testnet train`), whose
 buffer already holds the finished gradient (see `packs`).
@@ -24,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from hetero_testnet.errors import ConfigError
+from hetero_testnet.errors import ConfigError, PeerLostError
 from hetero_testnet.exchange.faults import NetworkFaults
 from hetero_testnet.exchange.group import GradientExchange
 
@@ -57,6 +67,10 @@ class SyncStrategy(ABC):
     def sum_partials(self, partial: torch.Tensor) -> None:
         """SUM the per-rank norm partials (float64, one per rank) in place; called only when world > 1."""
 
+    def wire_bytes(self, buffer: torch.Tensor) -> int:
+        """Bytes of `buffer` as `exchange_buffer` puts it on the wire: float32, 4 per element."""
+        return buffer.numel() * 4
+
 
 class AllReduceSync(SyncStrategy):
     """`allreduce`: SUM over the current generation's process group (gloo), after the fault delay."""
@@ -83,6 +97,84 @@ class AllReduceSync(SyncStrategy):
 
     def sum_partials(self, partial: torch.Tensor) -> None:
         self.exchange.all_reduce_sum(partial)
+
+
+class DiLoCoSync(AllReduceSync):
+    """`diloco`: the outer all-reduce of `T * (theta_global - theta_local)` and the counts.
+
+    With `bf16` (set by `configure`) the pseudo-gradient part travels as bfloat16: it is rounded to
+    bf16, summed by gloo in bf16 (every rank gets the same sum) and widened back; the token counts
+    stay float32 (bf16 is exact only up to 256), so the exchange is two all-reduces.
+    """
+
+    name = "diloco"
+
+    def __init__(self, exchange: GradientExchange | None = None, faults: NetworkFaults | None = None) -> None:
+        super().__init__(exchange, faults)
+        self.bf16 = False
+        self.grad_numel = 0
+
+    def configure(self, *, grad_numel: int, bf16: bool) -> None:
+        """Where the gradient part of the buffer ends, and whether it travels as bfloat16."""
+        self.grad_numel, self.bf16 = grad_numel, bf16
+
+    def wire_bytes(self, buffer: torch.Tensor) -> int:
+        if not self.bf16:
+            return buffer.numel() * 4
+        return self.grad_numel * 2 + (buffer.numel() - self.grad_numel) * 4
+
+    def exchange_buffer(self, buffer: torch.Tensor) -> float:
+        if not self.bf16:
+            return super().exchange_buffer(buffer)
+        delay = self.faults.delay_s(self.wire_bytes(buffer), self.rng)
+        if delay > 0:
+            time.sleep(delay)  # fault injection, as in allreduce
+        grads = buffer[:self.grad_numel].to(torch.bfloat16)
+        self.exchange.all_reduce_sum(grads)
+        self.exchange.all_reduce_sum(buffer[self.grad_numel:])
+        buffer[:self.grad_numel].copy_(grads)
+        return delay
+
+
+class DemoSync(SyncStrategy):
+    """`demo`: one all_gather of every client's DeMo payload; no buffer is summed.
+
+    `all_gather` raises `PeerLostError` when a peer is lost (nothing has been decoded or applied).
+    """
+
+    name = "demo"
+    packs = False
+
+    def __init__(self, exchange: GradientExchange | None = None, faults: NetworkFaults | None = None) -> None:
+        super().__init__(exchange, faults)
+        if exchange is None:
+            raise ConfigError("sync strategy 'demo' needs a gradient exchange (a process group)")
+        self.exchange: GradientExchange = exchange
+        self.rng = random.Random()
+
+    def group(self) -> tuple[int, int]:
+        world = self.exchange.world_size if self.exchange.active else 1
+        return (self.exchange.rank if world > 1 else 0), world
+
+    def payload_bytes_sent(self, payload: torch.Tensor) -> int:
+        """What this rank sends in an all_gather of `payload`: one copy to each of the other W - 1 ranks
+        (gloo's ring all_gather forwards W - 1 payloads; it receives as many)."""
+        return payload.numel() * payload.element_size() * (self.group()[1] - 1)
+
+    def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """(every rank's payload in rank order, the injected fault delay in seconds)."""
+        delay = self.faults.delay_s(self.payload_bytes_sent(payload), self.rng)
+        if delay > 0:
+            time.sleep(delay)  # fault injection: the link is slow, nothing waits on anything
+        if not self.exchange.active:
+            raise PeerLostError("all_gather without a process group")
+        return self.exchange.all_gather(payload), delay
+
+    def exchange_buffer(self, buffer: torch.Tensor) -> float:
+        raise RuntimeError("sync 'demo' exchanges payloads (all_gather), never a summed buffer")
+
+    def sum_partials(self, partial: torch.Tensor) -> None:
+        raise RuntimeError("sync 'demo' clips locally: there are no norm partials to sum")
 
 
 class NoSync(SyncStrategy):
@@ -123,6 +215,8 @@ class SingleProcess(NoSync):
 SYNC_STRATEGIES: dict[str, type[SyncStrategy]] = {
     AllReduceSync.name: AllReduceSync,
     NoSync.name: NoSync,
+    DemoSync.name: DemoSync,
+    DiLoCoSync.name: DiLoCoSync,
 }
 """Every `--sync` choice by name; add a strategy here and nowhere else."""
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,14 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     wrapping; hashed together with the names. Integer sums are exact and independent of thread
     count (a float sum is neither), and they run at memory speed (~10 ms for the 20M model).
     """
+    return tensors_checksum(model.named_parameters())
+
+
+def tensors_checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`parameter_checksum` of named float32 tensors (a copy of the parameters, e.g. diloco's theta_global)."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in named:
             bits = p.detach().contiguous().view(-1).view(torch.int32)
             even = bits[: bits.numel() // 2 * 2]
             h.update(name.encode())
@@ -202,9 +208,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str | Path, model: NanoGPT, optimizer: MaskedAdamW | None,
+def save_checkpoint(directory: str | Path, model: NanoGPT, optimizer: MaskedAdamW | Any | None,
                     meta: dict[str, Any]) -> Path:
     """Write model (+ optimizer) + meta to `directory`, atomically replacing any previous checkpoint.
+
+    `optimizer`: anything with a flat `state_dict()` of tensors (MaskedAdamW, a sync mode's state), or None.
 
     `meta` must be JSON-serialisable (convert RNG states to lists). Returns the directory.
     """

@@ -1,4 +1,4 @@
-"""Learning-rate schedule, the gradient clipping coefficient and a masked AdamW.
+"""Learning-rate schedule, the gradient clipping coefficient, a masked AdamW and a masked SGD.
 
 `MaskedAdamW` is AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; the same update as
 `torch.optim.AdamW`) that updates each parameter only where a per-neuron mask is True. A MatFormer
@@ -11,6 +11,9 @@ The update therefore uses only elementwise ops that are correctly rounded one at
 mul, div, sqrt, where): no reductions, no fused ops (lerp, addcmul, addcdiv may contract to FMA in
 vectorised loops but not in scalar tails, so their last bit can depend on how a tensor is split
 over threads), and bias corrections computed in Python from the integer step counts.
+
+`MaskedSGD` is plain SGD under the same rules (`optimizer: {SGD: ...}`): `p = p (1 - lr wd) - lr g`
+where the mask allows; `build_optimizer` picks one of the two from `OptimizerConfig.kind`.
 """
 
 from __future__ import annotations
@@ -225,3 +228,46 @@ class MaskedAdamW:
                 "step": step.detach().to(p.device).clone().contiguous(),
             }
         self.state = new_state
+
+
+class MaskedSGD:
+    """Plain SGD (no momentum) with MaskedAdamW's conventions: decoupled weight decay on matrices
+    only, and elements outside the update mask keep their parameter bit-identical. No state.
+
+    `p = p * (1 - lr * wd) - lr * g`: the decay first, as MaskedAdamW does, then the step, each a
+    correctly rounded elementwise op (no fused multiply-add), so replicas agree bit for bit.
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig) -> None:
+        self.params: dict[str, torch.nn.Parameter] = dict(named_params)
+        self.weight_decay = float(cfg.weight_decay)
+
+    @torch.no_grad()
+    def step(self, lr: float, update_masks: Mapping[str, torch.Tensor | None] | None = None) -> None:
+        """One SGD update from `p.grad`; `update_masks` as in `MaskedAdamW.step`."""
+        masks = update_masks or {}
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            mask = masks.get(name)
+            new_p = p if mask is None else p.detach().clone()
+            if p.dim() >= 2 and self.weight_decay:
+                new_p.mul_(1.0 - lr * self.weight_decay)
+            new_p.sub_(torch.mul(p.grad, lr))
+            if mask is not None:
+                p.copy_(torch.where(mask, new_p, p))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """No state: `{}` (checkpoints and state broadcasts carry nothing for SGD)."""
+        return {}
+
+    def load_state_dict(self, flat: Mapping[str, torch.Tensor]) -> None:
+        if flat:
+            raise ConfigError(f"SGD has no optimizer state, but the checkpoint holds {len(flat)} entries "
+                              f"(e.g. {next(iter(flat))!r}); was it saved with AdamW?")
+
+
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                    cfg: OptimizerConfig) -> "MaskedAdamW | MaskedSGD":
+    """The optimizer `cfg.kind` names: MaskedAdamW ("AdamW") or MaskedSGD ("SGD")."""
+    return MaskedSGD(named_params, cfg) if cfg.kind == "SGD" else MaskedAdamW(named_params, cfg)

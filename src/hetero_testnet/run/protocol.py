@@ -84,6 +84,11 @@ class Reduced(Message):
     """None when the averaged gradient is not finite (JSON has no NaN)."""
     nan_inf: bool
     rss_mb: float
+    bytes_sent: int = 0
+    """Bytes this client put on the wire for the round's exchange (`exchange/strategies.py`)."""
+    bytes_received: int = 0
+    inner_steps: int = 1
+    """Steps the round covered (its `Round.inner_steps`): per-step figures divide by it."""
 
 
 @dataclass(kw_only=True)
@@ -171,6 +176,11 @@ class Round(Message):
     generation: int
     sample_start: int
     sample_count: int
+    inner_steps: int = 1
+    """Optimizer steps in this round (steps step .. step + inner_steps - 1); > 1 only under diloco,
+    where the range is cut into that many pieces."""
+    extra_ranges: list[list[int]] = field(default_factory=list)
+    """[start, count] ranges of lost members to train as well (a diloco round repeated for survivors)."""
 
 
 @dataclass(kw_only=True)

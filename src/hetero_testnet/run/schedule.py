@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hetero_testnet.config import shares_model
+
 
 class _HasTier(Protocol):
     tier: int
@@ -24,12 +26,19 @@ class Due:
     checkpoint: bool
 
 
-def due_after_commit(step: int, total_steps: int, eval_every: int, checkpoint_every: int) -> Due:
-    """Periodic validation and checkpoints; the final step is left to the cooldown, which does both."""
+def due_after_commit(step: int, total_steps: int, eval_every: int, checkpoint_every: int, *,
+                     previous: int | None = None) -> Due:
+    """Periodic validation and checkpoints after the commit that brought the run to `step` steps
+    from `previous` (default `step - 1`; a diloco round advances several): due when a multiple of
+    the interval lies in (previous, step]. The final step is left to the cooldown, which does both."""
     if step >= total_steps:
         return Due(validate=False, checkpoint=False)
-    return Due(validate=bool(eval_every) and step % eval_every == 0,
-               checkpoint=bool(checkpoint_every) and step % checkpoint_every == 0)
+    before = step - 1 if previous is None else previous
+
+    def crossed(every: int) -> bool:
+        return bool(every) and step // every > before // every
+
+    return Due(validate=crossed(eval_every), checkpoint=crossed(checkpoint_every))
 
 
 def validation_tiers(intermediate_size: int, requested: Iterable[int], present: Iterable[int]) -> list[int]:
@@ -45,7 +54,7 @@ def plan_validation(members: Sequence[_HasTier], sync: str, tiers: Sequence[int]
     validated once. Independent replicas (`sync: none`) each validate their own model, at the full
     width and at their own tier.
     """
-    if sync != "allreduce":
+    if not shares_model(sync):
         return [(m, sorted({0, m.tier})) for m in members]
     plan = [(m, list(tiers[i::len(members)])) for i, m in enumerate(members)] if members else []
     return [(m, mine) for m, mine in plan if mine]
@@ -53,6 +62,6 @@ def plan_validation(members: Sequence[_HasTier], sync: str, tiers: Sequence[int]
 
 def val_loss_key(result: dict[str, Any], sync: str) -> str:
     """The summary's name for a final validation loss: per tier, or per client and tier for replicas."""
-    if sync == "allreduce":
+    if shares_model(sync):
         return f"tier{result['tier']}"
     return f"client{result.get('client_id')}_tier{result['tier']}"

@@ -148,7 +148,7 @@ def _on_step_committed(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any
     if step is None:
         return
     wall = _num(e.get("step_wall_s")) or 0.0
-    snap.steps_done = step + 1
+    snap.steps_done = step + int(e.get("inner_steps") or 1)  # a diloco round covers several steps
     snap.total_steps = e.get("total_steps", snap.total_steps)
     snap.epoch = e.get("epoch", snap.epoch)
     snap.generation = e.get("generation", snap.generation)
@@ -187,6 +187,9 @@ def _on_client_step(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -
     row.step_time_s = _num(e.get("step_time_s"))
     row.tokens_per_sec = _num(e.get("tokens_per_sec"))
     row.rss_mb = _num(e.get("rss_mb"), row.rss_mb)
+    sent = _num(e.get("bytes_sent"))
+    if sent is not None:
+        row.sent_mb_per_step = sent / max(1, int(e.get("inner_steps") or 1)) / 1e6
     row.last_step = e.get("step")
     if e.get("nan_inf"):
         snap.say(ts, WARN, f"client {cid}: non-finite loss/gradient at step {e.get('step')}")

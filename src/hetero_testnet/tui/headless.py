@@ -46,7 +46,7 @@ class HeadlessProgress:
         return None
 
     def _step_line(self, e: dict[str, Any]) -> str:
-        step, total = e["step"] + 1, e.get("total_steps") or 0
+        step, total = e["step"] + int(e.get("inner_steps") or 1), e.get("total_steps") or 0  # a diloco round: H
         now = e["ts"]
         if self.t0 is None:
             self.t0, self.first_step = now - e.get("step_wall_s", 0.0), e["step"]

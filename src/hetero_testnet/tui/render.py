@@ -80,11 +80,12 @@ def render_header(snap: RunSnapshot, *, now: float, view: View) -> Panel:
 
 
 def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> RenderableType:
-    """One row per client: id, tier, FFN width %, helpers, state, loss, step time, tokens/s, RSS, restarts."""
+    """One row per client: id, tier, FFN width %, helpers, state, loss, step time, tokens/s, MB sent per step,
+    RSS, restarts."""
     table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1))
     for name, justify in (("client", "right"), ("tier", "right"), ("FFN", "right"), ("helpers", "right"),
                           ("state", "left"), ("loss", "right"), ("step s", "right"), ("tok/s", "right"),
-                          ("RSS MB", "right"), ("restarts", "right")):
+                          ("MB/step", "right"), ("RSS MB", "right"), ("restarts", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     rows = sorted(snap.clients.values(), key=lambda r: r.client_id)
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max(1, max_rows - 1)]
@@ -94,9 +95,10 @@ def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> Rendera
         restarts = str(r.restarts)
         table.add_row(str(r.client_id), tier, width, _fmt(r.helper_neurons, "d"),
                       Text(r.state, style=STATE_STYLES.get(r.state, "")), _fmt(r.last_loss, ".4f"),
-                      _fmt(r.step_time_s, ".3f"), _fmt(r.tokens_per_sec, ",.0f"), _fmt(r.rss_mb, ",.0f"), restarts)
+                      _fmt(r.step_time_s, ".3f"), _fmt(r.tokens_per_sec, ",.0f"), _fmt_mb(r.sent_mb_per_step),
+                      _fmt(r.rss_mb, ",.0f"), restarts)
     if len(shown) < len(rows):
-        table.add_row("…", "", "", "", Text(f"{len(rows) - len(shown)} more", style="dim"), *[""] * 5)
+        table.add_row("…", "", "", "", Text(f"{len(rows) - len(shown)} more", style="dim"), *[""] * 6)
     if not rows:  # a placeholder outside the table, so it does not squeeze the columns
         return Group(table, Text("no client has joined yet", style="dim", justify="center"))
     return table
@@ -201,3 +203,10 @@ def _fmt_offset(seconds: float) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _fmt_mb(mb: float | None) -> str:
+    """Megabytes with three significant digits (0.271, 3.07, 182), so 1-bit DeMo and allreduce both read."""
+    if mb is None:
+        return "-"
+    return f"{mb:.3g}" if mb < 1000 else f"{mb:,.0f}"

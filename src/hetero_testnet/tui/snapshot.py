@@ -59,6 +59,8 @@ class ClientRow:
     step_time_s: float | None = None
     tokens_per_sec: float | None = None
     rss_mb: float | None = None
+    sent_mb_per_step: float | None = None
+    """MB this client sent per step in its last committed round (`client_step.bytes_sent / inner_steps`)."""
     restarts: int = 0
     kills: int = 0
     joins: int = 0
