@@ -197,7 +197,7 @@ def test_coordinator_and_client_command_lines(tmp_path):
     run = str(tmp_path / "logs" / "r")
     assert plan.coordinator_args(7) == [
         "coordinator", "--config-path", f"{run}/config.yaml", "--run-dir", run, "--bind", "0.0.0.0",
-        "--listen-fd", "7", "--expect-clients", "2", "--sync", "allreduce", "--device", "cpu",
+        "--listen-fd", "7", "--expect-clients", "2", "--sync", "allreduce", "--device", "cpu", "--backend", "gloo",
         "--checkpoint-every", "4", "--min-clients", "2", "--fault-latency-ms", "300-20",
         "--fault-bandwidth-limit", "1e+06"]
     assert plan.client_args(plan.clients[1], "127.0.0.1:5000") == [

@@ -116,7 +116,15 @@ def warn_config(cfg):
 
 
 def resolve_device(device: str) -> str:
-    """`--device` as this machine can honour it: auto picks cuda when available, else cpu."""
+    """One client's `--device` as this machine can honour it: auto picks cuda when available, else cpu;
+    `cuda:N` names one GPU (`testnet start` takes a list: `run/devices.py`)."""
+    if device.startswith("cuda:"):
+        from hetero_testnet.run.devices import available, client_devices, parse_devices
+
+        entries = parse_devices(device)
+        if len(entries) != 1:
+            raise ConfigError(f"--device of one client is one device (got {device!r})")
+        return client_devices(entries, 1, cuda_count=available()[0])[0]
     check_choice(device, DEVICES, "--device")
     import torch
 

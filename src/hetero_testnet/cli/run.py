@@ -62,7 +62,9 @@ def start(
     exit_after_secs: Annotated[Optional[float], typer.Option(
         "--exit-after-secs", "--headless-exit-after-secs",
         help="Safety cap: end the run cleanly as 'interrupted' after this many seconds.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps, or a list that "
+                                        "cycles over the clients (cuda: spread over the GPUs; nccl only with one "
+                                        "client per GPU, else gloo).")] = "auto",
     server_port: Annotated[int, typer.Option("--server-port", help="Coordinator port (0 = any free port).")
                            ] = 20000,
     bind: Annotated[str, typer.Option("--bind", help="Coordinator address; 0.0.0.0 lets other machines join "
@@ -107,7 +109,7 @@ def start(
     plan = plan_launch(
         num_clients=num_clients, config_path=config_path, tiers=tier_list, helper_fractions=fractions,
         rotation_intervals=intervals, name=name, logs_dir=logs_dir, resume=resume, seed=seed, total_steps=total_steps,
-        sync=sync, bind=bind, server_port=server_port, device=resolve_device(device), threads=threads,
+        sync=sync, bind=bind, server_port=server_port, device=device, threads=threads,
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
     warn_config(plan.config)
@@ -150,8 +152,10 @@ def coordinator(
                                                 "joined (0 = config's init_min_clients plus its extra time).")
                               ] = 0,
     sync: Annotated[str, typer.Option("--sync", help="allreduce | none.")] = "allreduce",
-    device: Annotated[str, typer.Option("--device", help="Clients' device: decides gloo (cpu) or nccl (cuda).")
-                      ] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Clients' device: decides gloo (cpu) or nccl (cuda) "
+                                        "unless --backend is given.")] = "cpu",
+    backend: Annotated[Optional[str], typer.Option("--backend", help="gloo | nccl (default: from --device; "
+                                                   "start passes what the clients' devices imply).")] = None,
     min_clients: Annotated[Optional[int], typer.Option("--min-clients", help="Override min_clients.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every K steps.")] = 0,
     resume_checkpoint: Annotated[Optional[Path], typer.Option("--resume-checkpoint",
@@ -176,13 +180,19 @@ def coordinator(
     latency, jitter = parse_latency(fault_latency_ms)
     cfg, opts = plan_coordinator(
         config_path=config_path, run_dir=run_dir, token=token, bind=bind, server_port=server_port,
-        expect_clients=expect_clients, sync=sync, device=device, min_clients=min_clients,
+        expect_clients=expect_clients, sync=sync, device=device, backend=_backend(backend), min_clients=min_clients,
         checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, total_steps=total_steps,
         network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit),
         listen_fd=listen_fd)
     warn_config(cfg)
     setup_logging(lambda: "[coordinator]", stream=sys.stderr, verbose=verbose)
     raise typer.Exit(run_coordinator(cfg, opts))
+
+
+def _backend(backend: str | None) -> str | None:
+    from hetero_testnet.cli.options import check_choice
+
+    return None if backend is None else check_choice(backend, ("gloo", "nccl"), "--backend")
 
 
 def client(
@@ -195,7 +205,7 @@ def client(
     helper_rotation_interval: Annotated[int, typer.Option("--helper-rotation-interval",
                                                           help="Steps between helper re-draws.")] = 16,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads for this client.")] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "cpu",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local data directory if it differs "
                                                      "from the coordinator's config.")] = None,
     token_file: TokenFileOption = None,

@@ -150,11 +150,16 @@ def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + per + (1 if rank < extra else 0)
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 math on a tensor of `device` runs: there, except on MPS (no float64), the host."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def sum_of_squares(buffer: torch.Tensor, start: int, end: int) -> float:
     """Sum of squares in float64 of a slice, chunked to bound the temporary."""
     total = 0.0
     chunk = 1 << 22
     for s in range(start, end, chunk):
-        piece = buffer[s:min(end, s + chunk)].to(torch.float64)
+        piece = buffer[s:min(end, s + chunk)].to(float64_device(buffer.device), torch.float64)
         total += float(torch.dot(piece, piece))
     return total

@@ -34,6 +34,17 @@ PhaseHook = Callable[[str], None]
 kill the process at that point (`run/testhooks.py`)."""
 
 
+def stages_through_host(backend: str, device_type: str) -> bool:
+    """Gloo reduces host memory: a tensor on an accelerator (CUDA shared by several clients, or MPS,
+    which gloo does not take at all) goes through a host copy around each collective (run/devices.py)."""
+    return backend == "gloo" and device_type != "cpu"
+
+
+def on_host(tensor: torch.Tensor, backend: str) -> torch.Tensor:
+    """The tensor a collective of `backend` takes: `tensor` itself, or a host copy to copy back from."""
+    return tensor.cpu() if stages_through_host(backend, tensor.device.type) else tensor
+
+
 def new_backend_group(backend: str, store: dist.Store, rank: int, world_size: int,
                       timeout: timedelta) -> dist.ProcessGroup:
     """A process group object of `backend` on `store`, outside torch's global default group (so
@@ -87,7 +98,10 @@ class Formation:
                 flat, source = self.broadcast
                 opts = dist.BroadcastOptions()
                 opts.rootRank, opts.rootTensor, opts.timeout = source, 0, timeout
-                group.broadcast([flat], opts).wait()
+                wire = on_host(flat, backend)
+                group.broadcast([wire], opts).wait()
+                if wire is not flat:
+                    flat.copy_(wire)
             self.form_time_s, self.broadcast_time_s = t1 - t0, time.perf_counter() - t1
             if not self.abandoned:
                 self.group = group

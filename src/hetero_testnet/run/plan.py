@@ -24,6 +24,7 @@ from typing import Any
 
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
+from hetero_testnet.run.devices import assign_devices
 from hetero_testnet.rundir import RunDir
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
@@ -39,6 +40,8 @@ class ClientSpec:
     tier: int
     helper_fraction: float
     rotation_interval: int
+    device: str = "cpu"
+    """Where it trains (`run/devices.py`: `--device` cycled over the clients, `cuda` spread over GPUs)."""
 
 
 @dataclass
@@ -77,12 +80,15 @@ class LaunchPlan:
     resume_checkpoint: Path | None = None
     faults: FaultPlan = field(default_factory=FaultPlan)
     command_line: str = ""
+    backend: str = "gloo"
+    """The collective backend the clients' devices imply (`run/devices.choose_backend`)."""
 
     def coordinator_args(self, listen_fd: int) -> list[str]:
         """`testnet coordinator ...` arguments; it inherits the listening socket as `listen_fd`."""
         args = ["coordinator", "--config-path", str(RunDir(self.run_dir).config), "--run-dir", str(self.run_dir),
                 "--bind", self.bind, "--listen-fd", str(listen_fd), "--expect-clients", str(len(self.clients)),
-                "--sync", self.sync, "--device", self.device, "--checkpoint-every", str(self.checkpoint_every)]
+                "--sync", self.sync, "--device", self.device, "--backend", self.backend,
+                "--checkpoint-every", str(self.checkpoint_every)]
         if self.min_clients is not None:
             args += ["--min-clients", str(self.min_clients)]
         if self.resume_checkpoint is not None:
@@ -98,7 +104,7 @@ class LaunchPlan:
         """`testnet client ...` arguments for one client joining the coordinator at `address`."""
         return ["client", "--coordinator", address, "--client-id", str(spec.client_id), "--tier", str(spec.tier),
                 "--helper-fraction", str(spec.helper_fraction), "--helper-rotation-interval",
-                str(spec.rotation_interval), "--threads", str(self.threads_per_client), "--device", self.device]
+                str(spec.rotation_interval), "--threads", str(self.threads_per_client), "--device", spec.device]
 
 
 @dataclass
@@ -208,6 +214,7 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
             raise ConfigError(f"--helper-rotation-intervals values must be >= 1 (got {i})")
     cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, total_steps=total_steps)
     specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
+    backend = assign_devices(specs, device)
     _check_min_clients(cfg, num_clients, min_clients)
     run_dir = resume if resume is not None else _new_run_dir(logs_dir, name, specs, now)
     _check_data(cfg)
@@ -218,7 +225,7 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     if per_client < 1:
         raise ConfigError("--threads must be >= 1")
     return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=sync, bind=bind, server_port=server_port,
-                      device=device, threads_per_client=per_client, exit_after_s=exit_after_s,
+                      device=device, backend=backend, threads_per_client=per_client, exit_after_s=exit_after_s,
                       min_clients=min_clients, checkpoint_every=checkpoint_every,
                       resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line)
 
@@ -287,20 +294,21 @@ def _checked_faults(faults: FaultPlan, num_clients: int, *, seed: int) -> FaultP
 
 def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str = "127.0.0.1",
                      server_port: int = 20000, expect_clients: int = 0, sync: str = "allreduce",
-                     device: str = "cpu", min_clients: int | None = None, checkpoint_every: int = 0,
-                     resume_checkpoint: Path | None = None, seed: int | None = None,
+                     device: str = "cpu", backend: str | None = None, min_clients: int | None = None,
+                     checkpoint_every: int = 0, resume_checkpoint: Path | None = None, seed: int | None = None,
                      total_steps: int | None = None, network: FaultPlan | None = None,
                      listen_fd: int | None = None) -> tuple[RunConfig, CoordinatorOptions]:
     """The config and options of one coordinator; raises ConfigError on bad input.
 
-    `device` is the clients' (cuda selects nccl, anything else gloo); of `network` only the network
-    faults are used. With `resume_checkpoint` the run continues at the step and data index it records.
+    `device` is the clients' (cuda selects nccl, anything else gloo) unless `backend` is given; of
+    `network` only the network faults are used. With `resume_checkpoint` the run continues at the step and data index it records.
     """
     cfg = load_config(config_path, seed=seed, total_steps=total_steps)
     check_sync(sync)
     start_step, data_index = resume_position(resume_checkpoint) if resume_checkpoint is not None else (0, 0)
     return cfg, CoordinatorOptions(
         run_dir=run_dir, token=token, host=bind, port=server_port, expected_clients=expect_clients, sync=sync,
-        backend="nccl" if device == "cuda" else "gloo", min_clients=min_clients, checkpoint_every=checkpoint_every,
+        backend=backend or ("nccl" if device.startswith("cuda") else "gloo"), min_clients=min_clients,
+        checkpoint_every=checkpoint_every,
         resume_checkpoint=resume_checkpoint.resolve() if resume_checkpoint else None, start_step=start_step,
         start_data_index=data_index, listen_fd=listen_fd, fault=(network or FaultPlan()).network())
