@@ -29,6 +29,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+GLOO_STAGING_ENV = "HETERO_TESTNET_GLOO_STAGING"
+"""`device` hands CUDA tensors to gloo itself (it reduces them through its own host copies) instead of
+staging them here: the alternative benchmarks/gpu_check.sh measures. Default `host`."""
+
 PhaseHook = Callable[[str], None]
 """Called in the formation thread as it enters a phase ("forming", "broadcast"); tests use it to
 kill the process at that point (`run/testhooks.py`)."""
@@ -37,6 +41,8 @@ kill the process at that point (`run/testhooks.py`)."""
 def stages_through_host(backend: str, device_type: str) -> bool:
     """Gloo reduces host memory: a tensor on an accelerator (CUDA shared by several clients, or MPS,
     which gloo does not take at all) goes through a host copy around each collective (run/devices.py)."""
+    if device_type == "cuda" and os.environ.get(GLOO_STAGING_ENV) == "device":
+        return False
     return backend == "gloo" and device_type != "cpu"
 
 
