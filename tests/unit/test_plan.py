@@ -118,7 +118,7 @@ def test_resume_position_reads_step_and_data_index(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_clients=0), r"--num-clients must be >= 1 \(got 0\)"),
-    (dict(sync="maybe"), r"--sync must be one of allreduce, none \(got 'maybe'\)"),
+    (dict(sync="maybe"), r"--sync must be one of allreduce, none, demo, diloco \(got 'maybe'\)"),
     (dict(server_port=70000), r"--server-port must be in 0..65535 \(got 70000\)"),
     (dict(server_port=-1), r"--server-port must be in 0..65535"),
     (dict(helper_fractions=[0.5, 1.5]), r"--helper-fractions values must be in \[0, 1\] \(got 1.5\)"),

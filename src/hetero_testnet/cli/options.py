@@ -24,6 +24,32 @@ TokenFileOption = Annotated[Optional[Path], typer.Option("--token-file", help="F
                                                           "(else HETERO_TESTNET_TOKEN).")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
+# `--sync` and its mode flags (start and coordinator); None = the config's value (`run/sync_flags.py`).
+SyncOption = Annotated[Optional[str], typer.Option(
+    "--sync", help="allreduce (one shared model, exact average every step) | none (independent replicas, "
+                   "ablations only) | demo (DeMo/DisTrO: compressed momentum, sign-SGD) | diloco (H local steps, "
+                   "then one exact average). Default: the config's (allreduce; demo for a Psyche optimizer.Distro).")]
+DemoTopkOption = Annotated[Optional[int], typer.Option("--demo-topk", help="demo: coefficients sent per DCT "
+                                                       "block (default 32).")]
+DemoChunkOption = Annotated[Optional[int], typer.Option("--demo-chunk", help="demo: largest DCT block side "
+                                                        "(default 64); FFN blocks must divide every tier's width.")]
+DemoDecayOption = Annotated[Optional[float], typer.Option("--demo-decay", help="demo: momentum decay beta "
+                                                          "(default 0.999).")]
+Demo1BitOption = Annotated[Optional[bool], typer.Option("--demo-1bit/--no-demo-1bit", help="demo: send only the "
+                                                        "signs of the coefficients (default off).")]
+DemoValuesOption = Annotated[Optional[str], typer.Option("--demo-values", help="demo: float32 | bfloat16 values "
+                                                         "on the wire without 1-bit (default float32).")]
+DemoApplyOption = Annotated[Optional[str], typer.Option("--demo-apply", help="demo: sign (DeMo's sign-SGD, "
+                                                        "default) | raw (p -= decoded momentum; an ablation).")]
+InnerStepsOption = Annotated[Optional[int], typer.Option("--inner-steps", help="diloco: local steps per round, "
+                                                         "H (default 8); total_steps counts these.")]
+OuterLrOption = Annotated[Optional[float], typer.Option("--outer-lr", help="diloco: outer Nesterov learning "
+                                                        "rate (default 0.7).")]
+OuterMomentumOption = Annotated[Optional[float], typer.Option("--outer-momentum", help="diloco: outer Nesterov "
+                                                              "momentum (default 0.9).")]
+DilocoBf16Option = Annotated[Optional[bool], typer.Option("--diloco-bf16/--no-diloco-bf16", help="diloco: "
+                                                          "all-reduce pseudo-gradients as bfloat16.")]
+
 
 def parse_int_list(text: str | None, option: str) -> list[int]:
     """`1,2,3` -> [1, 2, 3]; empty or None -> []."""

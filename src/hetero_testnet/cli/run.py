@@ -19,8 +19,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetero_testnet.cli.options import (TokenFileOption, VerboseOption, parse_address, parse_float_list,
-                                        parse_int_list, parse_latency, read_token, resolve_device, warn_config)
+from hetero_testnet.cli.options import (Demo1BitOption, DemoApplyOption, DemoChunkOption, DemoDecayOption,
+                                        DemoTopkOption, DemoValuesOption, DilocoBf16Option, InnerStepsOption,
+                                        OuterLrOption, OuterMomentumOption, SyncOption, TokenFileOption,
+                                        VerboseOption, parse_address, parse_float_list, parse_int_list,
+                                        parse_latency, read_token, resolve_device, warn_config)
 from hetero_testnet.cli.metrics import (WandbEntityOption, WandbGroupOption, WandbProjectOption, finish_stream,
                                         start_wandb_stream)
 from hetero_testnet.config import DEFAULT_CONFIG
@@ -33,7 +36,7 @@ def register(app: typer.Typer) -> None:
     app.command("client")(client)
 
 
-# long-function: Typer declares each of start's 27 flags in its signature; the body is parse -> plan -> run
+# long-function: Typer declares each of start's flags in its signature; the body is parse -> plan -> run
 def start(
     num_clients: Annotated[int, typer.Option("--num-clients", "-n", help="Client processes to spawn.")] = 3,
     config_path: Annotated[Path, typer.Option("--config-path", "-c",
@@ -69,8 +72,17 @@ def start(
                            ] = 20000,
     bind: Annotated[str, typer.Option("--bind", help="Coordinator address; 0.0.0.0 lets other machines join "
                                       "(they still need the run token).")] = "127.0.0.1",
-    sync: Annotated[str, typer.Option("--sync", help="allreduce (one shared model) | none (independent replicas: "
-                                      "the reference's AdamW behaviour, for ablations only).")] = "allreduce",
+    sync: SyncOption = None,
+    demo_topk: DemoTopkOption = None,
+    demo_chunk: DemoChunkOption = None,
+    demo_decay: DemoDecayOption = None,
+    demo_1bit: Demo1BitOption = None,
+    demo_values: DemoValuesOption = None,
+    demo_apply: DemoApplyOption = None,
+    inner_steps: InnerStepsOption = None,
+    outer_lr: OuterLrOption = None,
+    outer_momentum: OuterMomentumOption = None,
+    diloco_bf16: DilocoBf16Option = None,
     min_clients: Annotated[Optional[int], typer.Option("--min-clients", help="Override the config's "
                                                        "min_clients and init_min_clients.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads per client "
@@ -97,6 +109,7 @@ def start(
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
     from hetero_testnet.run.plan import FaultPlan, plan_launch
+    from hetero_testnet.run.sync_flags import SyncFlags
 
     tier_list = parse_int_list(tiers, "--tiers")
     fractions = parse_float_list(helper_fractions, "--helper-fractions")
@@ -109,7 +122,11 @@ def start(
     plan = plan_launch(
         num_clients=num_clients, config_path=config_path, tiers=tier_list, helper_fractions=fractions,
         rotation_intervals=intervals, name=name, logs_dir=logs_dir, resume=resume, seed=seed, total_steps=total_steps,
-        sync=sync, bind=bind, server_port=server_port, device=device, threads=threads,
+        sync_flags=SyncFlags(sync=sync, demo_topk=demo_topk, demo_chunk=demo_chunk, demo_decay=demo_decay,
+                             demo_1bit=demo_1bit, demo_values=demo_values, demo_apply=demo_apply,
+                             inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                             diloco_bf16=diloco_bf16),
+        bind=bind, server_port=server_port, device=device, threads=threads,
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
     warn_config(plan.config)
@@ -151,7 +168,9 @@ def coordinator(
     expect_clients: Annotated[int, typer.Option("--expect-clients", help="Start as soon as this many clients "
                                                 "joined (0 = config's init_min_clients plus its extra time).")
                               ] = 0,
-    sync: Annotated[str, typer.Option("--sync", help="allreduce | none.")] = "allreduce",
+    sync: Annotated[Optional[str], typer.Option("--sync", help="allreduce | none | demo | diloco (default: the "
+                                                "config's; the mode's settings come from its sync: section).")
+                    ] = None,
     device: Annotated[str, typer.Option("--device", help="Clients' device: decides gloo (cpu) or nccl (cuda) "
                                         "unless --backend is given.")] = "cpu",
     backend: Annotated[Optional[str], typer.Option("--backend", help="gloo | nccl (default: from --device; "

@@ -3,14 +3,16 @@
 The client holds the full-shape model, its optimizer state and nothing else of the run: the
 coordinator decides membership, data, LR and whether each step is applied. Per step:
 
-    Round    -> forward/backward on the assigned samples (only this tier's neurons)
-             -> `MaskedGradientReducer.reduce`: exact masked average over the group, global norm,
-                clip (`exchange/reducer.py`; the `--sync` strategy decides the group)
-             -> Reduced (metrics); the update waits as a `PendingUpdate`
-    Commit   -> MaskedAdamW step (elements nobody computed stay untouched) -> Applied(checksum)
-    Discard  -> nothing was applied; wait for the next generation
+    Round    -> the `--sync` mode's stepper (`exchange/stepper.py`) trains the assigned samples at this
+                tier (one inner step, or H under diloco) and exchanges: under allreduce the exact
+                masked average over the group, global norm and clip (`exchange/reducer.py`)
+             -> Reduced (metrics, bytes on the wire); the update waits in the stepper
+    Commit   -> the stepper applies it (MaskedAdamW under allreduce; elements nobody computed stay
+                untouched) -> Applied(checksum)
+    Discard  -> nothing was applied (the stepper undoes what its mode needs); wait for the next generation
 
-Gradients live in the reducer's flat buffer (`p.grad` are views of it), so the exchange copies nothing.
+Under allreduce gradients live in the reducer's flat buffer (`p.grad` are views of it), so the
+exchange copies nothing.
 
 Failure semantics: a failed collective is reported as `RoundFailed` and the client waits for a
 new `Generation`. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
@@ -37,16 +39,14 @@ from hetero_testnet.config import RunConfig, parse_run_config
 from hetero_testnet.data.shards import open_split
 from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
 from hetero_testnet.events import format_kv
-from hetero_testnet.exchange.aggregation import layout_for_model
 from hetero_testnet.exchange.faults import NetworkFaults
 from hetero_testnet.exchange.group import GradientExchange
-from hetero_testnet.exchange.reducer import MaskedGradientReducer
-from hetero_testnet.exchange.strategies import build_sync
+from hetero_testnet.exchange.modes import build_stepper
+from hetero_testnet.exchange.stepper import build_round_work
 from hetero_testnet.model.checkpoint import load_checkpoint, parameter_checksum, save_checkpoint
-from hetero_testnet.model.matformer import build_neuron_masks, build_neuron_set, ffn_width
+from hetero_testnet.model.matformer import build_neuron_set, ffn_width
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.optim import MaskedAdamW
-from hetero_testnet.model.train import evaluate, forward_backward
+from hetero_testnet.model.train import evaluate
 
 log = logging.getLogger("hetero_testnet")
 HEARTBEAT_INTERVAL_S = 1.0
@@ -71,10 +71,11 @@ class ClientOptions:
 
 @dataclass(frozen=True)
 class PendingUpdate:
-    """A reduced step waiting for the coordinator's Commit (or Discard): its gradient is in the buffer."""
+    """A reduced round waiting for the coordinator's Commit (or Discard): the update is in the stepper."""
 
     step: int
-    update_masks: dict[str, torch.Tensor | None]
+    inner_steps: int = 1
+    """Steps the round covers: the state after its commit is that of step `step + inner_steps`."""
 
 
 class Client:
@@ -111,20 +112,19 @@ class Client:
         self.train_data = open_split(self.cfg.data, "train", m.max_seq_len, m.vocab_size)
         self.val_data = open_split(self.cfg.data, "val", m.max_seq_len, m.vocab_size)
         self.model = build_model(m, self.cfg.seed).to(self.device)
-        self.optimizer = MaskedAdamW(list(self.model.named_parameters()), self.cfg.optimizer)
-        if welcome.initial_checkpoint:
-            ckpt = load_checkpoint(Path(welcome.initial_checkpoint))
+        ckpt = load_checkpoint(Path(welcome.initial_checkpoint)) if welcome.initial_checkpoint else None
+        if ckpt is not None:
             self.model.load_state_dict(ckpt.model_state)
-            if ckpt.optimizer_state is not None:
-                self.optimizer.load_state_dict(ckpt.optimizer_state)
             self.applied_step = int(ckpt.meta.get("step", 0))
         if self.exchange is None:
             self.exchange = GradientExchange(welcome.store_host, welcome.store_port, welcome.backend,
                                              self.opts.connect_timeout_s)
-        sync = build_sync(welcome.sync, self.exchange, NetworkFaults.from_wire(welcome.fault))
-        layout = layout_for_model(self.model, m.num_hidden_layers, m.intermediate_size)
-        self.reducer = MaskedGradientReducer.for_model(self.model, layout, sync,
-                                                       max_grad_norm=self.cfg.optimizer.clip_grad_norm)
+        o = self.opts
+        self.stepper = build_stepper(welcome.sync, self.model, self.cfg, self.exchange,
+                                     NetworkFaults.from_wire(welcome.fault), tier=o.tier,
+                                     helper_fraction=o.helper_fraction, rotation_interval=o.helper_rotation_interval)
+        if ckpt is not None and ckpt.optimizer_state is not None:
+            self.stepper.load_optimizer_state(ckpt.optimizer_state)
         log.info("joined run %s as client %d: tier %d, ffn width %d, %d threads", welcome.run_id,
                  self.client_id, self.opts.tier, self.width, torch.get_num_threads())
 
@@ -187,7 +187,7 @@ class Client:
     def _rejoin(self) -> None:
         self._close()
         welcome = self.connect()
-        self.reducer.strategy.faults = NetworkFaults.from_wire(welcome.fault)
+        self.stepper.sync.faults = NetworkFaults.from_wire(welcome.fault)
 
     def _close(self) -> None:
         """Leave the process group and the coordinator connection (both safe to repeat)."""
@@ -206,6 +206,7 @@ class Client:
         elif isinstance(message, P.Discard):
             log.warning("step %d discarded: %s", message.step, message.reason)
             self.pending = None
+            self.stepper.discard()
         elif isinstance(message, P.Evaluate):
             self.on_evaluate(message)
         elif isinstance(message, P.SaveCheckpoint):
@@ -217,7 +218,8 @@ class Client:
         try:
             form_s = self.exchange.form(g.generation, g.rank, g.world_size, g.timeout_s)
             if g.state_source_rank is not None:
-                self.sync_state(g.state_source_rank, g.rank == g.state_source_rank)
+                self.sync_state(g.state_source_rank, g.rank == g.state_source_rank,
+                                behind=self.applied_step != g.step)
                 self.applied_step = g.step
         except PeerLostError as e:
             self.conn.send(P.RoundFailed(step=g.step, generation=g.generation, reason=str(e)))
@@ -226,75 +228,52 @@ class Client:
                  g.members, "" if g.state_source_rank is None else f", state from rank {g.state_source_rank}",
                  form_s)
         self.conn.send(P.GroupReady(generation=g.generation, step=g.step,
-                                    checksum=parameter_checksum(self.model)))
+                                    checksum=self.stepper.shared_checksum()))
 
-    def _state_tensors(self) -> list[torch.Tensor]:
-        params = [p.data for _, p in self.model.named_parameters()]
-        opt = self.optimizer.state_dict()
-        return params + [opt[k] for k in sorted(opt)]
-
-    def sync_state(self, src_rank: int, is_source: bool) -> None:
-        """Broadcast parameters and optimizer state from `src_rank` in one flat buffer."""
-        tensors = self._state_tensors()
+    def sync_state(self, src_rank: int, is_source: bool, *, behind: bool) -> None:
+        """Broadcast the stepper's state (parameters and optimizer state under allreduce) from
+        `src_rank` in one flat buffer; `behind`: this client did not hold the current state."""
+        tensors = self.stepper.state_tensors()
         flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors]) if is_source else \
             torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=self.device)
         self.exchange.broadcast(flat, src_rank)
-        if is_source:
-            return
-        opt = self.optimizer.state_dict()
-        keys = sorted(opt)
-        offset = 0
-        with torch.no_grad():
-            for _, p in self.model.named_parameters():
-                p.data.copy_(flat[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
-            new_opt = {}
-            for k in keys:
-                t = opt[k]
-                new_opt[k] = flat[offset: offset + t.numel()].view_as(t).to(t.dtype).clone()
-                offset += t.numel()
-        self.optimizer.load_state_dict(new_opt)
+        if not is_source:
+            self.stepper.load_state(flat, behind=behind)
 
     def on_round(self, r: P.Round) -> None:
-        m = self.cfg.model
-        neurons = build_neuron_set(m, self.opts.tier, self.opts.helper_fraction, self.opts.helper_rotation_interval,
-                                   self.cfg.seed, r.step)
-        masks = build_neuron_masks(neurons, m.intermediate_size, m.num_hidden_layers)
-        t0 = time.perf_counter()
-        if r.sample_count > 0:
-            tokens = self.train_data.batch(r.sample_start, r.sample_count).to(self.device)
-            loss, n_tokens = forward_backward(self.model, tokens, neurons, self.cfg.micro_batch_size)
-            batches = r.sample_count  # the reference's "batches" are sample ids: sequences trained
-        else:
-            self.reducer.zero_grad()
-            loss, n_tokens, batches = float("nan"), 0, 0
-        t1 = time.perf_counter()
+        ranges = [(r.sample_start, r.sample_count)] + [(int(a), int(b)) for a, b in r.extra_ranges]
+        work = build_round_work(r.step, ranges, r.inner_steps,
+                                lambda start, count: self.train_data.batch(start, count).to(self.device),
+                                self.stepper.neurons)
+        self.pending = None
         try:
-            reduced = self.reducer.reduce(masks, n_tokens)
-        except PeerLostError as e:  # the buffer holds a partial sum: drop the step, never apply it
-            self.pending = None
+            out = self.stepper.run_round(work)
+        except PeerLostError as e:  # nothing was applied; the stepper undid what its mode must undo
+            self.stepper.discard()
             log.warning("step %d: exchange failed: %s", r.step, e)
             self.conn.send(P.RoundFailed(step=r.step, generation=r.generation, reason=str(e)))
             return
-        finite_loss = P.sanitize_float(loss)
-        nan_inf = (n_tokens > 0 and finite_loss is None) or not math.isfinite(reduced.grad_norm)
-        self.pending = PendingUpdate(step=r.step, update_masks=reduced.update_masks)
+        finite_loss = P.sanitize_float(out.loss)
+        nan_inf = (out.tokens > 0 and finite_loss is None) or not math.isfinite(out.grad_norm)
+        self.pending = PendingUpdate(step=r.step, inner_steps=r.inner_steps)
         log.info(format_kv("client_loss", {"client_id": self.client_id, "epoch": r.epoch, "step": r.step,
-                                           "matformer_tier": self.opts.tier, "trained_batches": batches,
-                                           "loss": "nan" if finite_loss is None else f"{loss:.4f}"}))
-        self.conn.send(P.Reduced(step=r.step, generation=r.generation, loss=finite_loss, tokens=n_tokens,
-                                 trained_batches=batches, ffn_width=self.width, helper_neurons=neurons.num_helpers,
-                                 compute_time_s=t1 - t0, exchange_time_s=reduced.exchange_time_s,
-                                 grad_norm=P.sanitize_float(reduced.grad_norm),
-                                 nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20))
+                                           "matformer_tier": self.opts.tier, "trained_batches": out.sequences,
+                                           "loss": "nan" if finite_loss is None else f"{out.loss:.4f}"}))
+        self.conn.send(P.Reduced(step=r.step, generation=r.generation, loss=finite_loss, tokens=out.tokens,
+                                 trained_batches=out.sequences, ffn_width=self.width,
+                                 helper_neurons=out.helper_neurons, compute_time_s=out.compute_time_s,
+                                 exchange_time_s=out.exchange_time_s, grad_norm=P.sanitize_float(out.grad_norm),
+                                 nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20,
+                                 bytes_sent=out.bytes_sent, bytes_received=out.bytes_received,
+                                 inner_steps=r.inner_steps))
 
     def on_commit(self, c: P.Commit) -> None:
         if self.pending is None or self.pending.step != c.step:
             raise RunFailedError(f"commit for step {c.step} without a reduced gradient")
         t0 = time.perf_counter()
-        self.optimizer.step(c.lr, self.pending.update_masks)
+        self.stepper.commit(c.lr)
+        self.applied_step = c.step + self.pending.inner_steps
         self.pending = None
-        self.applied_step = c.step + 1
         checksum = parameter_checksum(self.model)
         self.conn.send(P.Applied(step=c.step, checksum=checksum, apply_time_s=time.perf_counter() - t0))
 
@@ -313,7 +292,7 @@ class Client:
         self.conn.send(P.EvalResult(step=e.step, results=results))
 
     def on_save(self, s: P.SaveCheckpoint) -> None:
-        save_checkpoint(Path(s.path), self.model, self.optimizer, dict(s.meta))
+        save_checkpoint(Path(s.path), self.model, self.stepper.checkpoint_optimizer(), dict(s.meta))
         self.conn.send(P.Saved(step=s.step, path=s.path, checksum=parameter_checksum(self.model)))
 
 

@@ -4,7 +4,7 @@ It owns the run state machine (the reference's WaitingForMembers -> Warmup -> (R
 RoundWitness)* -> Cooldown -> Finished), generations, the step counter and LR, per-round data
 assignment, and the commit of every step. It is event-driven: a round closes as soon as every
 member has reported, and the configured times are deadlines for stragglers. Around it: `inbox`
-(connections, every wait), `membership` (who is in), `schedule` and `assignment` (pure decisions),
+(connections, every wait), `membership` (who is in), `schedule` and `rounds` (pure decisions),
 `records` (what members report after a step), `summary` (`RunTotals` -> summary.json), and
 `serving` (the process: listening, signals, the end).
 
@@ -17,8 +17,8 @@ Failure semantics (torchft's voted commit):
   the run waits for members up to `waiting_for_members_timeout`, then fails with a reason.
 - A client that joins (or rejoins) mid-run enters at the next step boundary: the new generation
   names a member that holds the current state as broadcast source.
-- Every member reports a parameter checksum after applying each step; under `--sync allreduce`
-  two different checksums stop the run at once (status failed, reason names the step).
+- Every member reports a parameter checksum after applying each step (each round under diloco,
+  `rounds`); with a shared model (all but `--sync none`) two different ones stop the run at once.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetero_testnet.config import RunConfig
+from hetero_testnet.config import RunConfig, shares_model
 from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.optim import lr_at
 from hetero_testnet.run import protocol as P
-from hetero_testnet.run.assignment import assign_samples
 from hetero_testnet.run.inbox import Inbox
 from hetero_testnet.run.membership import Member, Membership
 from hetero_testnet.run.plan import CoordinatorOptions
 from hetero_testnet.run.records import StepRecords
+from hetero_testnet.run.rounds import RoundPlanner
 from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
 from hetero_testnet.run.step_metrics import loss_by_tier
 from hetero_testnet.run.summary import RunTotals
@@ -90,8 +90,9 @@ class Coordinator:
         self.generation_members: list[int] = []
         self.reduced: dict[int, P.Reduced] = {}
         self.records = StepRecords(self.events, self.totals, sync=options.sync)
-        self.membership = Membership(token=options.token, intermediate_size=config.model.intermediate_size,
-                                     events=self.events, counters=self.totals.counters)
+        self.membership = Membership(token=options.token, config=config, sync=options.sync, events=self.events,
+                                     counters=self.totals.counters)
+        self.rounds = RoundPlanner.for_run(config, options.sync, start_step=options.start_step)
         self.inbox = Inbox(membership=self.membership, records=self.records, events=self.events, admit=self._admit,
                            on_lost=lambda member, reason: self.membership.mark_lost(member, reason,
                                                                                     step=self.totals.step))
@@ -201,7 +202,7 @@ class Coordinator:
                                  generation=self.totals.generation, reason=self.membership.broken or "timeout")
                 continue
             sums = {c: r.checksum for c, r in gathered.replies.items()}
-            if self.opts.sync == "allreduce" and len(set(sums.values())) > 1:
+            if shares_model(self.opts.sync) and len(set(sums.values())) > 1:
                 raise RunAborted(f"replicas differ after forming generation {self.totals.generation}: {sums}")
             for m in members:
                 m.state_step = step
@@ -238,13 +239,11 @@ class Coordinator:
         step = self.totals.step
         members = [self.members[c] for c in self.generation_members]
         batch = self.timing.global_batch_size(self.totals.tokens_seen)
-        ranges = assign_samples(self.generation_members, batch, self.totals.data_index, seed=self.cfg.seed, step=step)
+        plan = self.rounds.plan(self.generation_members, step, self.timing.total_steps, batch, self.totals.data_index)
         lr = lr_at(step, self.cfg.lr_schedule)
         t0 = time.monotonic()
         for m in members:
-            r = ranges[m.client_id]
-            m.send(P.Round(step=step, epoch=self.epoch, generation=self.totals.generation,
-                           sample_start=r.start, sample_count=r.count))
+            m.send(plan.message(m.client_id, epoch=self.epoch, generation=self.totals.generation))
         gathered = await self._gather(members, lambda m, message: self._reduced(m, message, step, lr),
                                       t0 + self.timing.max_round_train_time)
         self.reduced = gathered.replies
@@ -261,7 +260,7 @@ class Coordinator:
         if failure is not None:
             self.discard(failure, time.monotonic() - t0)
             return False
-        self.commit(lr, batch, time.monotonic() - t0)
+        self.commit(lr, batch, plan.inner_steps, time.monotonic() - t0)
         return True
 
     def _reduced(self, member: Member, message: Any, step: int, lr: float) -> bool | str:
@@ -291,28 +290,29 @@ class Coordinator:
             raise RunAborted(f"step {step} was discarded {MAX_CONSECUTIVE_DISCARDS} times in a row; "
                              f"last reason: {reason}")
 
-    def commit(self, lr: float, batch: int, elapsed: float) -> None:
-        """RoundWitness: every member applies the step; the step and data index advance."""
+    def commit(self, lr: float, batch: int, inner_steps: int, elapsed: float) -> None:
+        """RoundWitness: every member applies the round (`inner_steps` steps); step and data index advance."""
         self.set_state(RunState.ROUND_WITNESS)
         self.consecutive_discards = 0
         totals, step = self.totals, self.totals.step
         for c in self.generation_members:
             m = self.members[c]
             m.send(P.Commit(step=step, lr=lr))
-            m.state_step = step + 1
-            m.steps_trained += 1
+            m.state_step = step + inner_steps
+            m.steps_trained += inner_steps
             m.last_loss = self.reduced[c].loss
         tokens = sum(r.tokens for r in self.reduced.values())
         totals.tokens_trained += tokens
-        totals.tokens_seen += batch * self.cfg.model.max_seq_len
+        totals.tokens_seen += inner_steps * batch * self.cfg.model.max_seq_len
         totals.train_time_s += elapsed
         tiers = {c: self.members[c].tier for c in self.reduced}
         self.events.emit(Event.STEP_COMMITTED, step=step, epoch=self.epoch, generation=totals.generation, lr=lr,
                          loss_by_tier=loss_by_tier(self.reduced, tiers), tokens=tokens, step_wall_s=round(elapsed, 6),
-                         tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0,
+                         tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0, inner_steps=inner_steps,
                          members=self.generation_members, total_steps=self.timing.total_steps, log=False)
-        totals.step += 1
-        totals.data_index += batch
+        totals.step += inner_steps
+        totals.data_index += inner_steps * batch
+        self.rounds.committed(step)
 
     def request_eval(self) -> int:
         """Ask the current generation to validate; returns how many results to expect."""
@@ -339,11 +339,11 @@ class Coordinator:
     async def cooldown(self) -> None:
         """Cooldown: the last checksums, a final validation and the final checkpoint, within a deadline."""
         self.set_state(RunState.COOLDOWN)
-        final_step = self.totals.step
+        final_step, last_round = self.totals.step, self.rounds.last_committed
         deadline = (time.monotonic() + max(self.timing.cooldown_time, COOLDOWN_FLOOR_S)
                     + self.timing.max_round_train_time)
         expected_sums = len([c for c in self.generation_members if self.members[c].alive])
-        await self.drain_until(lambda: len(self.records.applied[final_step - 1]) >= expected_sums, deadline)
+        await self.drain_until(lambda: len(self.records.applied[last_round]) >= expected_sums, deadline)
         n = self.request_eval()
         self.request_checkpoint(self.files.checkpoint)
         await self.drain_until(lambda: (len(self.records.eval_results[final_step]) >= n
@@ -388,7 +388,8 @@ class Coordinator:
 
     def _after_commit(self) -> None:
         step = self.totals.step
-        due = due_after_commit(step, self.timing.total_steps, self.cfg.data.eval_every, self.opts.checkpoint_every)
+        due = due_after_commit(step, self.timing.total_steps, self.cfg.data.eval_every, self.opts.checkpoint_every,
+                               previous=self.rounds.last_committed)
         if due.validate:
             self.request_eval()
         if due.checkpoint:

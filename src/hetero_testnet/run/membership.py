@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hetero_testnet.config import RunConfig
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.matformer import ffn_width
@@ -50,6 +51,9 @@ class Member:
     last_loss: float | None = None
     nan_inf: int = 0
     joins: int = 1
+    bytes_sent: int = 0
+    """Bytes on the wire over its committed rounds (all incarnations), as its `Reduced` reported them."""
+    bytes_received: int = 0
 
     def send(self, message: P.Message) -> None:
         """Queue a message; a dead or closing connection is ignored (its loss is reported elsewhere)."""
@@ -62,10 +66,12 @@ class Member:
 
 
 class Membership:
-    def __init__(self, *, token: str, intermediate_size: int, events: EventWriter,
+    def __init__(self, *, token: str, config: RunConfig, sync: str, events: EventWriter,
                  counters: dict[str, int]) -> None:
         self.token = token
-        self.intermediate_size = intermediate_size
+        self.intermediate_size = config.model.intermediate_size
+        self.tier_rule = tier_rule(config, sync)
+        """Checks a joiner's tier beyond `ffn_width` (raises `ConfigError`); None when there is nothing to check."""
         self.events = events
         self.counters = counters
         self.members: dict[int, Member] = {}
@@ -99,6 +105,8 @@ class Membership:
             return None
         try:
             width = ffn_width(self.intermediate_size, hello.tier)
+            if self.tier_rule is not None:
+                self.tier_rule(hello.tier)
             check_helper_fraction(hello.helper_fraction,
                                   error=f"helper fraction {hello.helper_fraction} is outside [0, 1]")
         except ConfigError as e:
@@ -119,6 +127,7 @@ class Membership:
                         joins=(previous.joins + 1) if previous else 1)
         if previous is not None:
             member.steps_trained, member.nan_inf = previous.steps_trained, previous.nan_inf
+            member.bytes_sent, member.bytes_received = previous.bytes_sent, previous.bytes_received
             self.counters["rejoins"] += 1
         self.members[client_id] = member
         self.events.emit(Event.CLIENT_JOINED, client_id=client_id, step=step, tier=hello.tier, ffn_width=width,
@@ -159,3 +168,13 @@ class Membership:
 
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.alive]
+
+
+def tier_rule(config: RunConfig, sync: str) -> Callable[[int], None] | None:
+    """What a tier must satisfy under `sync` beyond having FFN neurons: under demo, an FFN width that is
+    a whole number of DeMo blocks (`ConfigError` otherwise, so the joiner is rejected with the reason)."""
+    if sync != "demo":
+        return None
+    from hetero_testnet.exchange.demo_stepper import check_demo_tiers
+
+    return lambda tier: check_demo_tiers(config, [tier])

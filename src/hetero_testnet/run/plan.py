@@ -25,11 +25,11 @@ from typing import Any
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.run.devices import assign_devices
+from hetero_testnet.run.sync_flags import SyncFlags, apply_sync_flags, check_sync, check_sync_tiers
 from hetero_testnet.rundir import RunDir
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
 """The environment variable that carries the run token (the launcher sets it for its children)."""
-SYNC_MODES = ("allreduce", "none")
 DEFAULT_ROTATION_INTERVAL = 16
 """Steps between helper re-draws when `--helper-rotation-intervals` is not given (the reference's)."""
 
@@ -144,12 +144,6 @@ def check_helper_fraction(value: float, *, error: str) -> float:
         raise ConfigError(error) from None
 
 
-def check_sync(sync: str) -> str:
-    if sync not in SYNC_MODES:
-        raise ConfigError(f"--sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
-    return sync
-
-
 def load_config(config_path: Path, *, seed: int | None = None, total_steps: int | None = None) -> RunConfig:
     """The run config at `config_path`, with the command line's seed and step count applied."""
     cfg = load_run_config(config_path)
@@ -188,23 +182,25 @@ def _check_data(cfg: RunConfig) -> None:
 def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (),
                 helper_fractions: Sequence[float] = (), rotation_intervals: Sequence[int] = (),
                 name: str | None = None, logs_dir: Path = Path("logs"), resume: Path | None = None,
-                seed: int | None = None, total_steps: int | None = None, sync: str = "allreduce",
-                bind: str = "127.0.0.1", server_port: int = 20000, device: str = "cpu",
-                threads: int | None = None, min_clients: int | None = None, checkpoint_every: int = 0,
-                exit_after_s: float | None = None, faults: FaultPlan | None = None, command_line: str = "",
-                cores: int | None = None, now: datetime | None = None) -> LaunchPlan:
+                seed: int | None = None, total_steps: int | None = None, sync: str | None = None,
+                sync_flags: SyncFlags = SyncFlags(), bind: str = "127.0.0.1", server_port: int = 20000,
+                device: str = "cpu", threads: int | None = None, min_clients: int | None = None,
+                checkpoint_every: int = 0, exit_after_s: float | None = None, faults: FaultPlan | None = None,
+                command_line: str = "", cores: int | None = None, now: datetime | None = None) -> LaunchPlan:
     """Check `testnet start`'s input and plan the run; raises ConfigError (exit 2) on bad input.
 
     `tiers`, `helper_fractions` and `rotation_intervals` cycle over the clients (empty: 0, 0.0, 16).
     With `resume` (a run directory) the run continues there from its latest checkpoint with its own
     config (`seed` and `config_path` are then ignored). `threads` defaults to `cores // num_clients`
     (`cores`: this machine's). `faults.seed` is replaced by the run's seed. `now` names a run
-    without `name`. `device` must already be resolved (cpu, cuda, mps). Reads the config, the
-    checkpoint's metadata and the data shards' headers; writes nothing.
+    without `name`. `device` must already be resolved (cpu, cuda, mps). `sync` (or `sync_flags.sync`;
+    None: the config's mode) and the mode flags go into the config (`run/sync_flags.py`). Reads the
+    config, the checkpoint's metadata and the data shards' headers; writes nothing.
     """
     if num_clients < 1:
         raise ConfigError(f"--num-clients must be >= 1 (got {num_clients})")
-    check_sync(sync)
+    if sync is not None:
+        sync_flags = dataclasses.replace(sync_flags, sync=check_sync(sync))
     if server_port < 0 or server_port > 65535:
         raise ConfigError(f"--server-port must be in 0..65535 (got {server_port})")
     for f in helper_fractions:
@@ -213,7 +209,9 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
         if i < 1:
             raise ConfigError(f"--helper-rotation-intervals values must be >= 1 (got {i})")
     cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, total_steps=total_steps)
+    cfg = apply_sync_flags(cfg, sync_flags, resumed=resume is not None)
     specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
+    check_sync_tiers(cfg, [s.tier for s in specs])
     backend = assign_devices(specs, device)
     _check_min_clients(cfg, num_clients, min_clients)
     run_dir = resume if resume is not None else _new_run_dir(logs_dir, name, specs, now)
@@ -224,7 +222,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     per_client = threads if threads is not None else max(1, (cores or os.cpu_count() or 1) // num_clients)
     if per_client < 1:
         raise ConfigError("--threads must be >= 1")
-    return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=sync, bind=bind, server_port=server_port,
+    return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=cfg.sync.mode, bind=bind,
+                      server_port=server_port,
                       device=device, backend=backend, threads_per_client=per_client, exit_after_s=exit_after_s,
                       min_clients=min_clients, checkpoint_every=checkpoint_every,
                       resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line)
@@ -293,18 +292,22 @@ def _checked_faults(faults: FaultPlan, num_clients: int, *, seed: int) -> FaultP
 # ----------------------------------------------------------------- testnet coordinator
 
 def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str = "127.0.0.1",
-                     server_port: int = 20000, expect_clients: int = 0, sync: str = "allreduce",
+                     server_port: int = 20000, expect_clients: int = 0, sync: str | None = None,
                      device: str = "cpu", backend: str | None = None, min_clients: int | None = None,
                      checkpoint_every: int = 0, resume_checkpoint: Path | None = None, seed: int | None = None,
                      total_steps: int | None = None, network: FaultPlan | None = None,
-                     listen_fd: int | None = None) -> tuple[RunConfig, CoordinatorOptions]:
+                     listen_fd: int | None = None, sync_flags: SyncFlags = SyncFlags()
+                     ) -> tuple[RunConfig, CoordinatorOptions]:
     """The config and options of one coordinator; raises ConfigError on bad input.
 
     `device` is the clients' (cuda selects nccl, anything else gloo) unless `backend` is given; of
     `network` only the network faults are used. With `resume_checkpoint` the run continues at the step and data index it records.
+    `sync` / `sync_flags` as in `plan_launch` (the launcher passes the mode its config.yaml already holds).
     """
-    cfg = load_config(config_path, seed=seed, total_steps=total_steps)
-    check_sync(sync)
+    if sync is not None:
+        sync_flags = dataclasses.replace(sync_flags, sync=check_sync(sync))
+    cfg = apply_sync_flags(load_config(config_path, seed=seed, total_steps=total_steps), sync_flags)
+    sync = cfg.sync.mode
     start_step, data_index = resume_position(resume_checkpoint) if resume_checkpoint is not None else (0, 0)
     return cfg, CoordinatorOptions(
         run_dir=run_dir, token=token, host=bind, port=server_port, expected_clients=expect_clients, sync=sync,

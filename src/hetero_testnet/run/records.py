@@ -5,9 +5,9 @@ coordinator hands every message to `StepRecords.record` first, whatever it is wa
 witness metrics (from its `Reduced`) are parked here until the member reports the step applied;
 then they become its `client_step` event, together with the parameter checksum.
 
-Failure semantics: under `--sync allreduce` every member must hold the same parameters after every
-step; two different checksums for one step raise `RunAborted` at once (the run fails, and the
-summary says `replicas_identical: false`).
+Failure semantics: with a shared model (every `--sync` but none) every member must hold the same
+parameters after every step (round); two different checksums for one step raise `RunAborted` at
+once (the run fails, and the summary says `replicas_identical: false`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from hetero_testnet.config import shares_model
 from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter
 from hetero_testnet.run import protocol as P
@@ -59,6 +60,8 @@ class StepRecords:
         if isinstance(message, P.Applied):
             self.applied[message.step][member.client_id] = message.checksum
             metrics = self.pending_metrics.pop((message.step, member.client_id), {})
+            member.bytes_sent += metrics.get("bytes_sent", 0)
+            member.bytes_received += metrics.get("bytes_received", 0)
             self.events.emit(Event.CLIENT_STEP, client_id=member.client_id, step=message.step, log=False,
                              checksum=message.checksum, apply_time_s=message.apply_time_s, **metrics)
             self._verify_replicas(message.step)
@@ -77,7 +80,7 @@ class StepRecords:
         return False
 
     def _verify_replicas(self, step: int) -> None:
-        if self.sync != "allreduce":
+        if not shares_model(self.sync):
             return
         sums = self.applied[step]
         if len(set(sums.values())) > 1:

@@ -31,7 +31,8 @@ def witness_metrics(r: P.Reduced, *, tier: int, epoch: int, lr: float) -> dict[s
         helper_neurons=r.helper_neurons, loss=r.loss, tokens=r.tokens, trained_batches=r.trained_batches,
         step_time_s=round(r.compute_time_s + r.exchange_time_s, 6), compute_time_s=round(r.compute_time_s, 6),
         exchange_time_s=round(r.exchange_time_s, 6), grad_norm=r.grad_norm, lr=lr, nan_inf=r.nan_inf,
-        rss_mb=r.rss_mb, tokens_per_sec=round(tokens_per_sec(r), 1))
+        rss_mb=r.rss_mb, tokens_per_sec=round(tokens_per_sec(r), 1), inner_steps=r.inner_steps,
+        bytes_sent=r.bytes_sent, bytes_received=r.bytes_received)
 
 
 def loss_by_tier(reduced: Mapping[int, P.Reduced], tier_of: Mapping[int, int]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero_testnet.config import RunConfig
+from hetero_testnet.config import RunConfig, shares_model
 from hetero_testnet.run.membership import Member
 from hetero_testnet.rundir import RunDir
 
@@ -60,6 +60,7 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
             "tier": m.tier, "ffn_width": m.ffn_width, "helper_fraction": m.helper_fraction,
             "steps_trained": m.steps_trained, "final_train_loss": m.last_loss, "nan_inf_count": m.nan_inf,
             "joins": m.joins, "connected_at_end": m.alive, "exit_code": None,
+            **bytes_per_client(m),
         }
         if m.last_loss is not None:
             finals.append(m.last_loss)
@@ -75,7 +76,7 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
         "mean_final_train_loss": sum(finals) / len(finals) if finals else None,
         "final_val_loss": totals.val_losses,
         "val_num_samples": cfg.data.val_samples,
-        "replicas_identical": totals.replicas_identical if sync == "allreduce" else None,
+        "replicas_identical": totals.replicas_identical if shares_model(sync) else None,
         "generations": totals.generation + 1,
         "discarded_steps": counters["discarded_steps"], "clients_lost": counters["clients_lost"],
         "clients_dropped": counters["clients_dropped"], "rejoins": counters["rejoins"],
@@ -84,3 +85,12 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
         "checkpoint": str(run_dir.checkpoint) if totals.step in totals.saved_steps else None,
         "clients": clients,
     }
+
+
+def bytes_per_client(m: Member) -> dict[str, Any]:
+    """A client's bytes on the wire: totals over its committed rounds, and the mean per step it trained
+    (a diloco round counts its inner steps, so the means compare across `--sync` modes)."""
+    steps = m.steps_trained
+    return {"bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
+            "bytes_sent_per_step": round(m.bytes_sent / steps, 1) if steps else None,
+            "bytes_received_per_step": round(m.bytes_received / steps, 1) if steps else None}
