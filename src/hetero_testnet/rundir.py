@@ -41,6 +41,12 @@ class RunDir:
         return self.path / "coordinator.json"
 
     @property
+    def stop_request(self) -> Path:
+        """Why the launcher asked the coordinator to stop (`{"reason": ...}`), written just before its
+        SIGTERM, so the summary says who stopped the run (the dashboard's q, Ctrl-C, --exit-after-secs)."""
+        return self.path / ".stop-request.json"
+
+    @property
     def token(self) -> Path:
         """The per-run token, mode 0600; never on a command line or in a log."""
         return self.path / ".token"

@@ -139,7 +139,7 @@ class Launcher:
         fd = os.open(self.files.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
-        for stale in (self.files.ready, self.files.summary):
+        for stale in (self.files.ready, self.files.summary, self.files.stop_request):
             stale.unlink(missing_ok=True)
         header = f"# resolved by: {p.command_line}\n" if p.command_line else ""
         self.files.config.write_text(header + dump_yaml(p.config.to_dict()))
@@ -154,6 +154,10 @@ class Launcher:
         coordinator = self.children.get("coordinator")
         if (self.stop_requested and not self.stop_sent and self.coordinator_ready and coordinator is not None
                 and coordinator.proc.poll() is None):
+            try:  # the coordinator reads why (else its summary could only name the signal)
+                write_json_atomic(self.files.stop_request, {"reason": self.stop_requested})
+            except OSError:
+                pass
             coordinator.proc.send_signal(signal.SIGTERM)
             self.stop_sent = True
 
@@ -296,6 +300,7 @@ class Launcher:
             entry["kills"] = c.kills
             entry["restarts"] = c.restarts
         summary["faults"] = {**self.fault_counts, **self.plan.faults.network()}
-        if self.stop_requested and summary.get("status") == "interrupted":
+        if (self.stop_requested and summary.get("status") == "interrupted"
+                and self.stop_requested not in str(summary.get("reason"))):
             summary["reason"] = f"{summary.get('reason')} ({self.stop_requested})"
         write_json_atomic(path, summary)

@@ -25,7 +25,7 @@ from hetero_testnet.run import protocol as P
 from hetero_testnet.run.coordinator import Coordinator
 from hetero_testnet.run.plan import CoordinatorOptions
 from hetero_testnet.run.summary import build_summary
-from hetero_testnet.rundir import write_json_atomic
+from hetero_testnet.rundir import read_json_or_none, write_json_atomic
 
 log = logging.getLogger("hetero_testnet")
 
@@ -96,10 +96,12 @@ async def _finish(c: Coordinator, status: str, reason: str) -> None:
     summary = build_summary(c.totals, c.members.values(), cfg=c.cfg, run_dir=c.files, sync=c.opts.sync,
                             status=status, reason=reason)
     write_json_atomic(c.files.summary, summary)
+    asked = status == "interrupted" and c.files.stop_request.is_file()  # a stop someone asked for
     c.events.emit(Event.RUN_FINISHED, step=c.totals.step, status=status, reason=reason,
                   steps_completed=c.totals.step, total_steps=c.timing.total_steps,
                   replicas_identical=summary["replicas_identical"], final_val_loss=c.totals.val_losses,
-                  level=logging.INFO if status == "finished" else logging.ERROR)
+                  stop_requested=True if asked else None,
+                  level=logging.INFO if status == "finished" else logging.WARNING if asked else logging.ERROR)
     for m in c.alive_members():
         m.send(P.Shutdown(reason=reason, status=status))
     await asyncio.sleep(0)
@@ -112,7 +114,13 @@ async def _finish(c: Coordinator, status: str, reason: str) -> None:
 
 
 def _request_stop(c: Coordinator, sig: int) -> None:
-    c.inbox.request_stop(f"stopped by signal {signal.Signals(sig).name}")
+    """A stop signal: the reason is the launcher's, when it wrote one (`RunDir.stop_request`)."""
+    asked = read_json_or_none(c.files.stop_request)
+    reason = asked.get("reason") if isinstance(asked, dict) else None
+    if isinstance(reason, str) and reason:
+        c.inbox.request_stop(reason if reason.startswith("stopped") else f"stopped: {reason}")
+    else:
+        c.inbox.request_stop(f"stopped by signal {signal.Signals(sig).name}")
 
 
 def _toggle_pause(c: Coordinator) -> None:

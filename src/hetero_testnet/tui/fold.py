@@ -247,6 +247,8 @@ def _on_run_finished(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) 
     snap.total_steps = e.get("total_steps", snap.total_steps)
     snap.set_members_state(list(snap.clients), ClientState.DONE)
     level = {"finished": INFO, "interrupted": WARN}.get(snap.status, ERROR)
+    if snap.status == "interrupted" and e.get("stop_requested"):
+        level = INFO  # stopped as asked (q, Ctrl-C, --exit-after-secs): not a problem to report
     snap.say(ts, level, f"run {snap.status}: {snap.finish_reason or ''}".rstrip(": "))
     if e.get("replicas_identical") is False:
         snap.say(ts, ERROR, "replicas were not bit-identical at the end")

@@ -38,6 +38,8 @@ from hetero_testnet.tui.snapshot import RunSnapshot
 REFRESH_PER_SECOND = 8      # Live's own refresh rate (fixed, so the screen never flickers)
 LOOP_TICK_S = 0.1           # main loop: drain events, read keys, hand Live a new frame
 NOTICE_S = 4.0              # how long a key's acknowledgement stays in the footer
+DASHBOARD_STOP = "stopped from the dashboard (q pressed)"
+"""The stop reason of `q`: the summary, the final event and the closing status line all say it."""
 
 
 # ---------------------------------------------------------------- terminal plumbing
@@ -186,13 +188,14 @@ class _Controls:
     def handle(self, typed: str, signals: list[str]) -> None:
         """One loop tick: the keys typed since the last one, and the signals received so far."""
         if "q" in typed:
-            self.stop("q pressed")
+            self.stop(DASHBOARD_STOP)
         if signals:
             self.stop("Ctrl-C" if signals[0] == "SIGINT" else f"{signals[0]} received")
         if "p" in typed and self.stop_reason is None:
             self._toggle_pause()
         if self.stop_reason is not None:
-            self.view.notice = f"stopping cleanly ({self.stop_reason})…"
+            shown = "q pressed" if self.stop_reason == DASHBOARD_STOP else self.stop_reason
+            self.view.notice = f"stopping cleanly ({shown})…"
         elif self.view.notice and time.monotonic() > self.notice_until:
             self.view.notice = None
 
