@@ -3,7 +3,9 @@
 The YAML layout mirrors Psyche's `state.toml` field for field (`config.*` timing and membership,
 `model.LLM.*` for the model, data, LR schedule and optimizer) so a Psyche user can read it, plus
 our own sections (`seed`, `model.LLM.architecture_config`, `validation`). A Psyche `state.toml`
-loads unchanged. Every unknown or invalid field is a `ConfigError` naming its dotted path.
+loads unchanged: Psyche fields this tool does not implement, and in a `.toml` fields neither tool
+knows, are named once in `RunConfig.notes` (config/psyche.py). Every invalid field, and every unknown
+one in our own YAML, is a `ConfigError` naming its dotted path.
 
 Relative data paths are resolved against the directory of the config file, so a config
 directory can be moved together with its data.
