@@ -268,8 +268,8 @@ def test_report_files_columns_and_sections(experiment: Path, tmp_path: Path):
     assert by["none-0-1"]["val_loss_tier0_ci95"] == ""        # n = 1: no CI
     assert by["0-0"]["n_seeds"] == "3" and by["0-0"]["val_loss_tier1_mean"] == ""
     md = (out / "results.md").read_text()
-    for section in ["## Setup", "## Final losses", "## Difference vs baseline `0-0`: validation loss, tier 0",
-                    "## Paired by seed: validation loss, tier 0 (full model), vs `0-0`", "## Throughput and health",
+    for section in ["## Setup", "## Final losses", "## Exploratory: difference vs baseline `0-0`, validation loss, tier 0",
+                    "## Exploratory: paired by seed, validation loss, tier 0 (full model), vs `0-0`", "## Throughput and health",
                     "## Independent replicas", "## Runs", "## Plots",
                     "## What these numbers can and cannot tell", "## Columns of results.csv"]:
         assert section in md

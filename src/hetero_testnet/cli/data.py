@@ -84,23 +84,26 @@ def prepare(
                "val_allocation": val_allocation, "tokenizer_spec": spec, "compress": compress,
                "cache_dir": cache, "prefix": prefix, "shard_tokens": shard_tokens}
     err = Console(stderr=True)
-    if sys.stderr.isatty():
-        with Progress(TextColumn("{task.description:<52}"), BarColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task("starting", total=None)
-
-            def progress(description: str, done: int, total: int) -> None:
-                bar.update(task, description=description, completed=done, total=total)
-
-            manifest = data_prepare.prepare_recipe(base, out, progress=progress, **options)
-    else:
-        manifest = data_prepare.prepare_recipe(base, out, **options)
+    manifest = _with_progress(err, lambda report: data_prepare.prepare_recipe(base, out, progress=report, **options))
     _render_manifest(Console(), out, manifest)
-    for split in ("train", "val"):
-        asked = (train_tokens or base.train_tokens) if split == "train" else (val_tokens or base.val_tokens)
+    for split, asked in (("train", train_tokens or base.train_tokens), ("val", val_tokens or base.val_tokens)):
         if manifest[f"{split}_tokens"] < asked:
             err.print(f"note: the chosen sources hold only {manifest[f'{split}_tokens']:,} {split} tokens "
                       f"(asked for {asked:,})", highlight=False)
+
+
+def _with_progress(err: Console, work: Any) -> Any:
+    """`work(progress)` with a progress bar on a terminal (progress None otherwise)."""
+    if not sys.stderr.isatty():
+        return work(None)
+    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        return work(progress)
 
 
 def _render_manifest(console: Console, out: Path, manifest: dict[str, Any]) -> None:
@@ -121,7 +124,8 @@ def _render_manifest(console: Console, out: Path, manifest: dict[str, Any]) -> N
 def inspect(
     path: Annotated[Path, typer.Argument(help="A shard file, or a directory of shards.")],
     *,
-    pattern: Annotated[str, typer.Option(help="Glob for the shards when PATH is a directory.")] = "*.bin",
+    pattern: Annotated[str, typer.Option(help="Glob for the shards when PATH is a directory (.bin and .bin.xz).")]
+        = "*.bin*",
     tokens: Annotated[int, typer.Option(help="Decode this many tokens from the start of the first shard.")] = 64,
 ) -> None:
     """Show each shard's format, token count, size and id range, and decode its first tokens.

@@ -15,7 +15,42 @@ from hetero_testnet.experiments.stats import ALPHA, Comparison
 
 def conclusions(report: Report) -> list[str]:
     """One Markdown paragraph per statement, in reading order."""
-    return [*_against_baseline(report), *_paired(report), *_method(report), *report.notes, *_health(report)]
+    return [*_references(report), *_against_baseline(report), *_paired(report), *_method(report), *report.notes,
+            *_health(report)]
+
+
+UNIGRAM_BAND = 0.05
+"""Within this many nats of the unigram line, a model is said to sit at unigram level."""
+
+
+def _references(report: Report) -> list[str]:
+    """Where each shared model's full-model validation loss sits against the unigram and bigram lines."""
+    refs = report.references
+    if not refs.available:
+        return []
+    parts, at_unigram = [], 0
+    for c in report.configs:
+        s = c.stat(PRIMARY_METRIC)
+        if c.sync != "allreduce" or s.mean is None:
+            continue
+        gap_u, gap_b = s.mean - refs.unigram, s.mean - refs.bigram
+        if gap_u > -UNIGRAM_BAND:
+            at_unigram += 1
+            where = "above the unigram line" if gap_u > 0 else f"at unigram level, less than {UNIGRAM_BAND:g} below it"
+        elif gap_b > 0:
+            where = "between the unigram and bigram lines"
+        else:
+            where = "below the bigram line"
+        parts.append(f"`{c.label}` {fmt(s.mean)} ({fmt(gap_u, signed=True)} vs unigram, {fmt(gap_b, signed=True)} "
+                     f"vs bigram: {where})")
+    if not parts:
+        return []
+    tail = (" A model within a few hundredths of a nat of the unigram line has learned little beyond how often "
+            "each token occurs, so differences between such models say nothing about what capacity or "
+            "heterogeneity do to a model that learns." if at_unigram else "")
+    return [f"Reference lines (unigram {fmt(refs.unigram)}, bigram {fmt(refs.bigram)}, untrained "
+            f"{fmt(refs.untrained)}, on the same validation tokens): full-model validation loss " + "; ".join(parts)
+            + "." + tail]
 
 
 def _against_baseline(report: Report) -> list[str]:

@@ -110,21 +110,33 @@ def to_json(report: Report) -> dict[str, Any]:
                         "runs_not_finished": c.runs_not_finished, "failed_attempts": c.failed_attempts,
                         "metrics": metrics, "health": {k: json_number(v) if isinstance(v, float) else v
                                                        for k, v in c.health().items()}})
-    comps = [{"metric": m, "config": label, "baseline": report.baseline, **comp.to_dict(),
-              "p_holm": json_number(report.holm(m, label)),
-              "significance": significance_word(comp, report.holm(m, label))}
+    comps = [{"metric": m, "config": label, "baseline": report.baseline, "role": "exploratory", **comp.to_dict(),
+              **_decision(comp, report.holm(m, label))}
              for m, by_label in report.comparisons.items() for label, comp in by_label.items()]
-    pairs = [{"metric": m, "config": label, "baseline": report.baseline, "test": "paired t-test over common seeds",
+    pairs = [{"metric": m, "config": label, "baseline": report.baseline, "role": "exploratory",
+              "test": "paired t-test over common seeds",
               **{k: v for k, v in comp.to_dict().items() if k != "p_welch"}, "p": json_number(comp.p),
-              "p_holm": json_number(report.paired_holm(m, label))}
+              **_decision(comp, report.paired_holm(m, label))}
              for m, by_label in report.paired.items() for label, comp in by_label.items()]
     return {"experiment": report.experiment,
             "settings": {"last_k": report.last_k, "grad_norm_threshold": report.grad_norm_threshold,
                          "baseline": report.baseline, "alpha": ALPHA, "confidence": 0.95,
                          "ci": "Student t over seeds (n-1 df)", "test": "Welch's t-test, Holm-adjusted per metric",
-                         "significant": "Holm-adjusted p < alpha"},
+                         "significant": "Holm-adjusted p < alpha",
+                         "analysis": "pre-registered (see analysis); every other test is exploratory"
+                         if report.analysis else "none declared: every test is exploratory"},
+            "references": report.references.to_dict(),
+            "analysis": report.analysis.to_dict() if report.analysis else None,
             "configurations": configs, "comparisons": comps, "paired_comparisons": pairs,
             "runs": [r.to_dict() for r in report.runs]}
+
+
+def _decision(comp: Any, p_holm: float | None) -> dict[str, Any]:
+    """The Holm-adjusted decision, under the names results.md uses: `p_holm`, `significant` (Holm p <
+    alpha; None when the test is n/a) and `significance` (yes / unadjusted only / no / n/a)."""
+    return {"p_holm": json_number(p_holm), "significant": None if comp.p is None else bool(p_holm is not None
+                                                                                           and p_holm < ALPHA),
+            "significance": significance_word(comp, p_holm)}
 
 
 def _cell(v: Any) -> Any:

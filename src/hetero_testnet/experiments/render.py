@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from hetero_testnet.experiments.conclusions import conclusions
+from hetero_testnet.experiments.render_analysis import analysis_sections, reference_rows
 from hetero_testnet.experiments.format import NA, fmt, fmt_ci, fmt_p, tier_name
 from hetero_testnet.experiments.report import DIFF_METRICS, PRIMARY_METRIC, ConfigResult, Report
 from hetero_testnet.experiments.spec import run_name
@@ -18,7 +19,8 @@ from hetero_testnet.experiments.stats import ALPHA, Comparison, significance_wor
 
 
 def render_markdown(report: Report, plot_files: list[str]) -> str:
-    sections = [_title(report), _setup(report), _final_losses(report),
+    sections = [_title(report), _setup(report), _reference_lines(report), *analysis_sections(report),
+                _final_losses(report),
                 *(_difference(report, metric) for metric in DIFF_METRICS), _paired(report), _health(report),
                 _replicas(report), _runs(report), _plots(plot_files), _conclusions(report), _csv_columns()]
     return "\n".join(line for section in sections for line in section)
@@ -59,11 +61,31 @@ def _setup(report: Report) -> list[str]:
         "that tier's clients. **Final val loss**: validation loss at the run's last evaluation.",
         "- Every number is a mean over seeds ± the half-width of its 95% confidence interval (Student t, "
         "n − 1 degrees of freedom); n is the number of seeds. With n = 1 there is no interval.",
-        f"- Differences are taken against the baseline `{report.baseline}` with Welch's t-test "
-        f"(mark: p < {ALPHA}); Holm-adjusted p-values correct for comparing several configurations. "
-        "A test needs n ≥ 2 seeds on both sides; otherwise it is n/a.",
+        ("- The experiment declared its analysis before it ran (*Pre-registered analysis* below); every other "
+         "test in this report is **exploratory**." if report.analysis else
+         "- The experiment declared no analysis before it ran: every test in this report is **exploratory** "
+         "(a lead to test again, not a finding)."),
+        f"- Exploratory differences are taken against the baseline `{report.baseline}` with Welch's t-test and a "
+        f"paired t-test; `p_holm` corrects for comparing several configurations, and `significant` means "
+        f"`p_holm` < {ALPHA} (results.json uses the same names). A test needs n ≥ 2 seeds on both sides; otherwise "
+        "it is n/a.",
         "",
     ]
+
+
+def _reference_lines(report: Report) -> list[str]:
+    refs = report.references
+    if not refs.available:
+        return ["## Reference lines", "", f"{refs.reason or 'no reference lines'}.", ""]
+    lines = ["## Reference lines (the same validation tokens)", "",
+             f"Scored on the {refs.val_targets:,} validation target tokens every run was scored on, fitted on the "
+             f"{refs.train_tokens:,}-token training split only (data `{refs.data_dir}`). A model at or above the "
+             "unigram line has learned nothing a table of token frequencies does not know; below the bigram line "
+             "it uses more than one token of context.", ""]
+    lines += _table(["reference", "val loss (nats/token)", "how"], reference_rows(refs))
+    if refs.note:
+        lines += ["", f"Note: {refs.note}."]
+    return lines + [""]
 
 
 def _final_losses(report: Report) -> list[str]:
@@ -96,15 +118,16 @@ def _difference(report: Report, metric: str) -> list[str]:
     what = f"{'validation' if kind == 'val' else 'train'} loss, {tier_name(int(t), kind)}"
     k = sum(1 for cp in comps.values() if cp.applicable)
     header = ["configuration", "n (config vs baseline)", "Δ = config − baseline", "95% CI of Δ",
-              "p (Welch)", f"p (Holm, k={k})", f"significant (Holm p < {ALPHA})",
-              "size of Δ vs seed spread (larger std)"]
+              "`p_welch`", f"`p_holm` (k={k})", f"`significant` (`p_holm` < {ALPHA})",
+              "descriptive only: size of Δ vs the larger seed std"]
     rows = []
     for label, cp in comps.items():
         holm_p = report.holm(metric, label)
         rows.append([f"`{label}`", f"{cp.n_x} vs {cp.n_baseline}", fmt(cp.diff, signed=True), _ci(cp),
                      fmt_p(cp.p), fmt_p(holm_p), _mark(significance_word(cp, holm_p), cp),
                      _spread_word(report, label, metric, cp)])
-    return [f"## Difference vs baseline `{report.baseline}`: {what}", ""] + _table(header, rows) + [""]
+    return [f"## Exploratory: difference vs baseline `{report.baseline}`, {what} (Welch)", ""] + \
+        _table(header, rows) + [""]
 
 
 def _paired(report: Report) -> list[str]:
@@ -115,15 +138,15 @@ def _paired(report: Report) -> list[str]:
     base_by_seed = report.config(report.baseline).by_seed(PRIMARY_METRIC)
     seeds = sorted(base_by_seed)
     k = sum(1 for cp in pairs.values() if cp.applicable)
-    lines = [f"## Paired by seed: validation loss, tier 0 (full model), vs `{report.baseline}`", "",
-             "Runs with the same seed start from the same initial weights and train on the same global batches in "
-             "the same order; only the configuration differs. The seed therefore pairs them, and a paired t-test on "
-             "the per-seed differences removes the variation both runs share. Welch's test above ignores the "
-             "pairing and stays the primary test; this one is secondary: more powerful when seeds share variation, "
-             "but with n − 1 degrees of freedom it rests on very few pairs.",
+    lines = [f"## Exploratory: paired by seed, validation loss, tier 0 (full model), vs `{report.baseline}`", "",
+             "Runs with the same seed start from the same initial weights; in this tool every run also trains on "
+             "the same global batches in the same order whatever its seed (the seed does not change the data "
+             "order), so the seed pairs them and a paired t-test on the per-seed differences removes the "
+             "initialisation variation both runs share. The intervals therefore show initialisation noise only. "
+             "With n − 1 degrees of freedom the test rests on very few pairs.",
              ""]
     header = ["configuration", *(f"Δ seed {s}" for s in seeds), "pairs", "mean Δ", "95% CI of mean Δ",
-              "p (paired t)", f"p (Holm, k={k})", f"significant (Holm p < {ALPHA})"]
+              "`p` (paired t)", f"`p_holm` (k={k})", f"`significant` (`p_holm` < {ALPHA})"]
     rows = []
     for label, cp in pairs.items():
         cfg = report.config(label).by_seed(PRIMARY_METRIC)
@@ -205,7 +228,8 @@ def _csv_columns() -> list[str]:
             "`<metric>_mean`, `<metric>_ci95` (95% CI half-width; empty when n < 2), `<metric>_n` (seeds); "
             "`train_loss_tier<t>`: final train loss of tier-t clients over the last `last_k` steps; "
             "`val_loss_tier<t>`: final validation loss of the tier-t (sub)model, tier 0 = full model; "
-            "`*_diff_vs_baseline` = config − baseline with its Welch CI, p and Holm p, `*_diff_significant` "
+            "`*_diff_vs_baseline` = config − baseline with its Welch CI, p and Holm p (exploratory), "
+            "`*_diff_significant` "
             "yes (Holm p < 0.05) / unadjusted only (p < 0.05 before correction) / no / n/a; `*_paired_n`, "
             "`*_paired_diff`, `*_paired_p`, `*_paired_p_holm`: the paired-by-seed test (seeds both sides "
             "ran); `runs_not_finished` (planned seeds without a finished run), `failed_attempts` (attempts that "

@@ -35,6 +35,10 @@ Definitions (the report repeats them, so a reader need not open this file):
   coordinator's `summary.wall_time_s` (start-up, validation and checkpoint included).
 - statistics (stats.py): mean ± 95% CI half-width with Student's t over seeds; Welch's t-test
   against the baseline configuration, Holm-adjusted over the family of comparisons per metric.
+- *pre-registered analysis* (prereg.py, analysis.py): what the experiment file declared before it ran
+  (primary metric, comparisons, paired test, Holm, delta, TOST, verdict rules), computed exactly; every
+  other test in the report is exploratory. *Reference lines* (references.py): unigram, bigram and
+  untrained-model loss on the same validation tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from typing import Any
 from hetero_testnet.config import BUNDLED_CONFIGS_DIR
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.rundir import RunDir, read_json_or_none, read_jsonl
+from hetero_testnet.experiments.analysis import AnalysisResult, run_analysis
+from hetero_testnet.experiments.prereg import analysis_from_dict
+from hetero_testnet.experiments.references import References, experiment_references
 from hetero_testnet.experiments.run_result import RunResult, load_run
 from hetero_testnet.experiments.spec import DEFAULT_REPORT, MANIFEST_FILE, RUNS_LOG_FILE, load_report_notes
 from hetero_testnet.experiments.stats import Comparison, MeanCI, holm, mean_ci, paired, welch
@@ -118,6 +125,10 @@ class Report:
     paired_holm_p: dict[str, dict[str, float | None]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     """The experiment's own statements (`report.notes` of its YAML) for the conclusions."""
+    references: References = field(default_factory=References)
+    """Unigram, bigram and untrained-model validation loss on the runs' validation tokens."""
+    analysis: AnalysisResult | None = None
+    """The pre-registered analysis, computed; None when the experiment declared none."""
 
     def holm(self, metric: str, label: str) -> float | None:
         return self.holm_p.get(metric, {}).get(label)
@@ -139,8 +150,9 @@ class Report:
 
 
 def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_threshold: float | None = None,
-                 baseline: str | None = None) -> Report:
-    """Load every run of an experiment directory and compute the statistics."""
+                 baseline: str | None = None, references: bool = True) -> Report:
+    """Load every run of an experiment directory and compute the statistics (and, unless
+    `references` is False, the reference lines: references.py)."""
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise ConfigError(f"experiment directory {experiment_dir} does not exist",
@@ -162,10 +174,17 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
         raise ConfigError(f"baseline {baseline!r} is not a configuration of {experiment_dir}",
                           hint=f"configurations: {', '.join(configs)}")
     comparisons, holm_p, paired_comps, paired_holm = _compare(configs, baseline)
-    experiment = {k: v for k, v in manifest.items() if k not in ("runs", "configurations")}
+    experiment = {k: v for k, v in manifest.items() if k not in ("runs", "configurations", "analysis")}
     experiment.setdefault("name", experiment_dir.name)
+    refs = experiment_references(experiment_dir, manifest) if references else \
+        References(reason="reference lines not computed (--no-references)")
+    analysis = None
+    if isinstance(manifest.get("analysis"), dict):
+        declared = analysis_from_dict(manifest["analysis"])
+        analysis = run_analysis(declared, lambda label: configs[label].by_seed(declared.metric)
+                                if label in configs else {})
     return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p,
-                  paired_comps, paired_holm, _notes(manifest))
+                  paired_comps, paired_holm, _notes(manifest), refs, analysis)
 
 
 def _run_dirs(experiment_dir: Path) -> list[Path]:

@@ -24,6 +24,12 @@ from hetero_testnet.experiments.spec import DEFAULT_REPORT, RUN_SPEC_FILE
 from hetero_testnet.experiments.stats import json_number
 
 
+WIDEST_METRIC = "val_loss_widest"
+"""Validation loss of the widest model a configuration trained (tier min(tiers)): the model it delivers.
+For a mix with a tier-0 client that is the full model; for an all-tier-2 mix it is the tier-2
+submodel, since the neurons beyond it were never trained."""
+
+
 @dataclass
 class RunResult:
     """Everything the report needs from one run directory."""
@@ -74,11 +80,19 @@ class RunResult:
         return self.status == "finished"
 
     def metric(self, key: str) -> float | None:
-        """`val_loss_tier<t>`, `train_loss_tier<t>`, `steps_completed`, `wall_time_s`, `train_tokens_per_sec`."""
+        """`val_loss_tier<t>`, `train_loss_tier<t>`, `val_loss_widest`, `steps_completed`, `wall_time_s`,
+        `train_tokens_per_sec`."""
+        if key == WIDEST_METRIC:
+            return self.val_loss_by_tier.get(self.widest_tier)
         if m := re.fullmatch(r"(val|train)_loss_tier(\d+)", key):
             table = self.val_loss_by_tier if m.group(1) == "val" else self.train_loss_by_tier
             return table.get(int(m.group(2)))
         return getattr(self, key)
+
+    @property
+    def widest_tier(self) -> int:
+        """The widest (sub)model any client trained: the smallest tier of the mix (0 if unknown)."""
+        return min(self.tiers, default=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {

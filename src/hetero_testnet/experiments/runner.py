@@ -42,7 +42,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +52,11 @@ from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import Event, EventTail
 from hetero_testnet.run.processes import last_error_line, spawn_supervised, stop
 from hetero_testnet.rundir import RunDir, append_jsonl, read_json_or_none, write_json_atomic
-from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, MANIFEST_FILE, RUN_SPEC_FILE, RUNS_LOG_FILE,
-                                            ExperimentSpec, PlannedRun, build_derived_config, config_fingerprint,
-                                            expand, run_identity)
+from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, DERIVED_CONFIG_FILE, MANIFEST_FILE, RUN_SPEC_FILE,
+                                            RUNS_LOG_FILE, ExperimentSpec, PlannedRun, build_derived_config,
+                                            config_fingerprint, derived_config_name, expand, run_identity,
+                                            with_global_batch)
 
-DERIVED_CONFIG_FILE = "experiment-config.yaml"
 RUNNER_OUTPUT_FILE = "runner.out"
 LOCK_FILE = ".runner.lock"
 
@@ -106,8 +106,10 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path, fingerprint: str) -> list[PlannedAction]:
+def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path,
+                 fingerprint: str | Mapping[str, str]) -> list[PlannedAction]:
     """Decide per run: skip (finished, same spec), rerun (unfinished dir) or run (no dir).
+    `fingerprint`: the derived config's, or per configuration label.
 
     Raises ConfigError when a finished run was made with another specification."""
     actions = []
@@ -119,7 +121,7 @@ def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path, fingerprint: 
         summary = read_summary(d)
         if summary is not None and summary.get("status") == "finished":
             recorded = read_json_or_none(d / RUN_SPEC_FILE)
-            wanted = run_identity(r, fingerprint)
+            wanted = run_identity(r, fingerprint if isinstance(fingerprint, str) else fingerprint[r.label])
             if recorded is not None and recorded != wanted:
                 changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
                 raise ConfigError(f"run {r.name} in {experiment_dir} finished with a different specification "
@@ -190,12 +192,23 @@ class ExperimentRunner:
         cfg = build_derived_config(self.spec)
         fingerprint = config_fingerprint(cfg)
         runs = expand(self.spec, self.only)
-        return cfg, fingerprint, plan_actions(runs, self.experiment_dir, fingerprint)
+        return cfg, fingerprint, plan_actions(runs, self.experiment_dir, self.fingerprints(cfg))
+
+    def label_configs(self, cfg: RunConfig) -> dict[str, RunConfig]:
+        """Per configuration label its run config: the derived one, with its own global batch if set."""
+        return {c.label: with_global_batch(cfg, c.global_batch) for c in self.spec.configurations}
+
+    def fingerprints(self, cfg: RunConfig) -> dict[str, str]:
+        return {label: config_fingerprint(c) for label, c in self.label_configs(cfg).items()}
+
+    def config_path(self, label: str) -> Path:
+        """The derived config file a configuration's runs start from."""
+        own = self.spec.configuration(label).global_batch is not None
+        return self.experiment_dir / derived_config_name(label if own else None)
 
     def commands(self, actions: Sequence[PlannedAction]) -> list[list[str]]:
         """The commands a real run would execute (for --dry-run)."""
-        config_path = self.experiment_dir / DERIVED_CONFIG_FILE
-        return [self._command(a.run, config_path) for a in actions if a.action != "skip"]
+        return [self._command(a.run, self.config_path(a.run.label)) for a in actions if a.action != "skip"]
 
     def run(self) -> list[RunOutcome]:
         """Execute the plan. Returns one outcome per planned run (skips included); raises
@@ -204,12 +217,17 @@ class ExperimentRunner:
         exp.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(exp / LOCK_FILE):
             cfg, fingerprint, actions = self.prepare()
-            config_path = exp / DERIVED_CONFIG_FILE
             header = (f"# written by `testnet experiment run {self.spec.source}`: base config "
                       f"{self.spec.base_config} with total_steps={self.spec.steps}"
                       f"{'' if self.spec.eval_every is None else f', eval_every={self.spec.eval_every}'}; "
-                      "lr_schedule unchanged\n")
-            config_path.write_text(header + dump_yaml(cfg.to_dict()))
+                      "lr_schedule unchanged")
+            (exp / DERIVED_CONFIG_FILE).write_text(header + "\n" + dump_yaml(cfg.to_dict()))
+            for c in self.spec.configurations:
+                if c.global_batch is not None:
+                    self.config_path(c.label).write_text(
+                        f"{header}; global batch {c.global_batch} (configuration {c.label})\n"
+                        + dump_yaml(with_global_batch(cfg, c.global_batch).to_dict()))
+            fingerprints = self.fingerprints(cfg)
             write_manifest(self.spec, exp, cfg, fingerprint)
             self.observer.planned(actions)
             outcomes: list[RunOutcome] = []
@@ -221,7 +239,8 @@ class ExperimentRunner:
                     outcomes.append(outcome)
                     continue
                 index += 1
-                outcome = self._run_one(a, config_path, fingerprint, index, len(to_run))
+                outcome = self._run_one(a, self.config_path(a.run.label), fingerprints[a.run.label], index,
+                                        len(to_run))
                 outcomes.append(outcome)
                 if outcome.status == "bad_input":
                     raise ConfigError(f"run {a.run.name} rejected its input: {outcome.reason}",
@@ -335,9 +354,14 @@ def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, f
         "run_timeout_s": spec.run_timeout_s,
         "report": dataclasses.asdict(spec.report),
         "configurations": [{"label": c.label, "tiers": list(c.tiers), "helper_fractions": list(c.helper_fractions),
-                            "sync": c.sync, "seeds": list(c.seeds)} for c in spec.configurations],
+                            "sync": c.sync, "seeds": list(c.seeds),
+                            **({} if c.global_batch is None else {"global_batch": c.global_batch,
+                                                                  "derived_config": derived_config_name(c.label)})}
+                           for c in spec.configurations],
         "runs": [r.to_dict() for r in expand(spec)],
     }
+    if spec.analysis is not None:
+        manifest["analysis"] = spec.analysis.to_dict()
     write_json_atomic(experiment_dir / MANIFEST_FILE, manifest)
 
 

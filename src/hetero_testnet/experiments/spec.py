@@ -3,7 +3,8 @@
 See `runner.py` for how the runs are executed and resumed. Here: parsing with errors that
 name the field (`FILE: configurations[2]: tiers must ...`), expansion into named runs
 (`<label>-seed<seed>`), and the derived run config (steps, eval settings and deadlines changed,
-the LR schedule never).
+the LR schedule never; a configuration's own `global_batch`, if any, in a config of its own), and the
+pre-registered `analysis:` (prereg.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
+from hetero_testnet.experiments.prereg import Analysis, parse_analysis
 
 SYNC_MODES = ("allreduce", "none")
 # Files of an experiment directory (<logs-dir>/<name>/) that runner.py writes and the report reads.
@@ -31,6 +33,8 @@ RUNS_LOG_FILE = "runs.jsonl"
 """One record per attempt: run_started, run_ended, moved_aside."""
 RUN_SPEC_FILE = "experiment-run.json"
 """In each run directory: the `run_identity` it was started with."""
+DERIVED_CONFIG_FILE = "experiment-config.yaml"
+"""The base config with the experiment's steps, eval settings and deadlines (runner.py writes it)."""
 DEADLINE_FIELDS = ("warmup_time", "cooldown_time", "max_round_train_time", "round_witness_time",
                    "waiting_for_members_timeout")
 
@@ -76,6 +80,9 @@ class Configuration:
     """One per client (a shorter list cycles, as `--helper-fractions` does)."""
     sync: str = "allreduce"
     seeds: tuple[int, ...]
+    global_batch: int | None = None
+    """Sequences per step for this configuration (config.global_batch_size_start/end); None keeps the
+    base config's. Runs of such a configuration get their own derived config file."""
 
     @property
     def num_clients(self) -> int:
@@ -102,6 +109,11 @@ class ExperimentSpec:
     """Torch threads per client; None lets `testnet start` pick (cores // clients)."""
     report: ReportSettings
     configurations: tuple[Configuration, ...]
+    order: str = "configuration"
+    """Run order: `configuration` (every seed of one configuration, then the next) or `seed` (every
+    configuration on seed 1, then seed 2, ...: a matrix cut short stays paired)."""
+    analysis: Analysis | None = None
+    """The pre-registered analysis (prereg.py), or None: then every test in the report is exploratory."""
 
     def configuration(self, label: str) -> Configuration:
         for c in self.configurations:
@@ -122,11 +134,17 @@ class PlannedRun:
     helper_fractions: tuple[float, ...]
     sync: str
     steps: int
+    global_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "seed": self.seed, "tiers": list(self.tiers),
-                "helper_fractions": list(self.helper_fractions), "sync": self.sync, "steps": self.steps,
-                "num_clients": len(self.tiers)}
+        """The run's identity; `global_batch` only when the configuration sets one (so runs recorded
+        before the field existed keep their identity)."""
+        d: dict[str, Any] = {"name": self.name, "label": self.label, "seed": self.seed, "tiers": list(self.tiers),
+                             "helper_fractions": list(self.helper_fractions), "sync": self.sync,
+                             "steps": self.steps, "num_clients": len(self.tiers)}
+        if self.global_batch is not None:
+            d["global_batch"] = self.global_batch
+        return d
 
 
 def run_name(label: str, seed: int) -> str:
@@ -158,6 +176,11 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     _require(threads is None or threads >= 1, f"{where}: threads must be >= 1")
     report = _report_settings(top, where)
     configurations = _configurations(top, seeds, where)
+    order = _take(top, "order", str, where, "configuration")
+    _require(order in ("configuration", "seed"), f"{where}: order must be configuration or seed (got {order!r})")
+    raw_analysis = top.pop("analysis", None)
+    analysis = None if raw_analysis is None else \
+        parse_analysis(raw_analysis, f"{where}: analysis", {c.label for c in configurations})
     _no_leftovers(top, where)
     if report.baseline is not None and report.baseline not in [c.label for c in configurations]:
         raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
@@ -165,7 +188,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     spec = ExperimentSpec(name=name, description=description.strip(), source=path.resolve(),
                           base_config=base_config, steps=steps, eval_every=eval_every, eval_tiers=eval_tiers,
                           deadlines=deadlines, seeds=seeds, run_timeout_s=run_timeout_s, threads=threads,
-                          report=report, configurations=configurations)
+                          report=report, configurations=configurations, order=order,
+                          analysis=analysis)
     _check_tiers_fit(spec, where)
     return spec
 
@@ -262,16 +286,22 @@ def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where:
     _require(sync in SYNC_MODES, f"{where}: sync must be one of {', '.join(SYNC_MODES)} (got {sync!r})")
     seeds_raw = _take(d, "seeds", list, where, None)
     seeds = _seeds(seeds_raw, f"{where}: seeds") if seeds_raw is not None else default_seeds
+    global_batch = _take(d, "global_batch", int, where, None)
+    _require(global_batch is None or global_batch >= len(tiers),
+             f"{where}: global_batch must be >= the number of clients ({len(tiers)}), got {global_batch}")
     _no_leftovers(d, where)
-    return Configuration(label=label, tiers=tuple(tiers), helper_fractions=per_client, sync=sync, seeds=seeds)
+    return Configuration(label=label, tiers=tuple(tiers), helper_fractions=per_client, sync=sync, seeds=seeds,
+                         global_batch=global_batch)
 
 
 def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
     """Every (configuration, seed) run in file order; `only` keeps runs whose name or label matches
     one of the shell-style patterns (e.g. `0-1-1*`, `*-seed1`)."""
     runs = [PlannedRun(name=run_name(c.label, s), label=c.label, seed=s, tiers=c.tiers,
-                       helper_fractions=c.helper_fractions, sync=c.sync, steps=spec.steps)
+                       helper_fractions=c.helper_fractions, sync=c.sync, steps=spec.steps, global_batch=c.global_batch)
             for c in spec.configurations for s in c.seeds]
+    if spec.order == "seed":
+        runs.sort(key=lambda r: r.seed)                # stable: configurations keep their file order
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) or fnmatch.fnmatchcase(r.label, p)
                                        for p in only)]
@@ -290,6 +320,19 @@ def build_derived_config(spec: ExperimentSpec) -> RunConfig:
     if spec.eval_tiers:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_tiers=spec.eval_tiers))
     return cfg
+
+
+def with_global_batch(cfg: RunConfig, global_batch: int | None) -> RunConfig:
+    """`cfg` with a constant global batch of `global_batch` sequences (None: unchanged)."""
+    if global_batch is None:
+        return cfg
+    return cfg.replace(timing=dataclasses.replace(cfg.timing, global_batch_size_start=global_batch,
+                                                  global_batch_size_end=global_batch))
+
+
+def derived_config_name(label: str | None) -> str:
+    """The derived config file of a configuration with its own global batch (None: the shared one)."""
+    return DERIVED_CONFIG_FILE if label is None else f"experiment-config-{label}.yaml"
 
 
 def config_fingerprint(cfg: RunConfig) -> str:

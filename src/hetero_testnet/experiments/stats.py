@@ -99,11 +99,13 @@ class Comparison:
         return None if self.p is None else self.p < alpha
 
     def to_dict(self) -> dict:
+        """The test's own numbers. No `significant` here: whether a difference counts is decided on
+        the Holm-adjusted p over its family, which only the report knows (export.py adds it)."""
         return {"n_x": self.n_x, "n_baseline": self.n_baseline, "mean_x": json_number(self.mean_x),
                 "mean_baseline": json_number(self.mean_baseline), "diff": json_number(self.diff),
                 "t": json_number(self.t), "df": json_number(self.df), "p_welch": json_number(self.p),
                 "ci_low": json_number(self.ci_low), "ci_high": json_number(self.ci_high),
-                "significant": self.significant(), "reason": self.reason, "confidence": self.confidence}
+                "reason": self.reason, "confidence": self.confidence}
 
 
 def clean(values: Iterable[float | None]) -> list[float]:
@@ -198,6 +200,42 @@ def _t_test(means: _Means, se: float, df: float, confidence: float) -> Compariso
 
 def _not_applicable(means: _Means, reason: str, confidence: float) -> Comparison:
     return Comparison(*means, None, None, None, None, None, reason, confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class Equivalence:
+    """Two one-sided paired t-tests (TOST; Schuirmann 1987) of |mean difference| < delta."""
+
+    delta: float
+    p: float | None
+    """max of the two one-sided p-values; None when n/a (fewer than 2 pairs, no spread)."""
+    ci90_low: float | None
+    ci90_high: float | None
+    """The (1 - 2 alpha) CI: equivalence at alpha holds exactly when it lies inside (-delta, +delta)."""
+
+    def equivalent(self, alpha: float = ALPHA) -> bool:
+        return self.p is not None and self.p < alpha
+
+
+def tost_paired(x: Mapping[int, float | None], baseline: Mapping[int, float | None], delta: float,
+                alpha: float = ALPHA) -> Equivalence:
+    """TOST over the seeds both sides have: H0 |mean(x - baseline)| >= delta, at level alpha."""
+    from scipy import stats
+
+    seeds = sorted(s for s in x.keys() & baseline.keys() if x[s] is not None and baseline[s] is not None)
+    diffs = [float(x[s]) - float(baseline[s]) for s in seeds]  # type: ignore[arg-type]
+    n = len(diffs)
+    if n < 2 or not all(math.isfinite(d) for d in diffs):
+        return Equivalence(delta, None, None, None)
+    mean = math.fsum(diffs) / n
+    se = _sample_std(diffs, mean) / math.sqrt(n)
+    if se == 0.0:
+        return Equivalence(delta, None, None, None)
+    df = float(n - 1)
+    p_low = float(stats.t.sf((mean + delta) / se, df))     # H0: diff <= -delta
+    p_high = float(stats.t.cdf((mean - delta) / se, df))   # H0: diff >= +delta
+    half = t_quantile(1.0 - alpha, df) * se
+    return Equivalence(delta, max(p_low, p_high), mean - half, mean + half)
 
 
 def significance_word(comp: Comparison, holm_p: float | None) -> str:
