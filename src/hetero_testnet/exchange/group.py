@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import AllgatherOptions
 
 from hetero_testnet.errors import PeerLostError
-from hetero_testnet.exchange.formation import AbandonedFormations, Formation, PhaseHook
+from hetero_testnet.exchange.formation import AbandonedFormations, Formation, PhaseHook, on_host
 
 log = logging.getLogger("hetero_testnet")
 
@@ -136,22 +136,26 @@ class GradientExchange:
             opts.reduceOp = dist.ReduceOp.SUM
             if timeout is not None:
                 opts.timeout = timeout
-            return group.allreduce([tensor], opts)
+            return group.allreduce([wire], opts)
 
+        wire = on_host(tensor, self.backend)
         self._run(op, "all_reduce")
+        if wire is not tensor:
+            tensor.copy_(wire)
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `tensor` (equal shapes and dtypes), in rank order; gloo's list-form
         all_gather. Raises PeerLostError (and destroys the group) on failure."""
         if self.world_size == 1:
             return [tensor]
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        wire = on_host(tensor, self.backend)  # the gathered tensors are on the host then
+        out = [torch.empty_like(wire) for _ in range(self.world_size)]
 
         def op(group: dist.ProcessGroup, timeout: timedelta | None) -> dist.Work:
             opts = AllgatherOptions()  # not re-exported by torch.distributed in this torch
             if timeout is not None:
                 opts.timeout = timeout
-            return group.allgather([out], [tensor], opts)
+            return group.allgather([out], [wire], opts)
 
         self._run(op, "all_gather")
         return out
@@ -165,9 +169,12 @@ class GradientExchange:
             opts.rootRank, opts.rootTensor = src_rank, 0
             if timeout is not None:
                 opts.timeout = timeout
-            return group.broadcast([tensor], opts)
+            return group.broadcast([wire], opts)
 
+        wire = on_host(tensor, self.backend)
         self._run(op, "broadcast")
+        if wire is not tensor:
+            tensor.copy_(wire)
 
     def _run(self, op: Callable[[dist.ProcessGroup, timedelta | None], dist.Work], what: str) -> None:
         if not self.active or self.group is None:

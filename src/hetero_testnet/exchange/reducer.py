@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero_testnet.exchange.aggregation import (BufferLayout, apply_average, grad_views, pack_contribution,
-                                                 shard_bounds, sum_of_squares, update_masks_for)
+from hetero_testnet.exchange.aggregation import (BufferLayout, apply_average, float64_device, grad_views,
+                                                 pack_contribution, shard_bounds, sum_of_squares, update_masks_for)
 from hetero_testnet.exchange.strategies import SyncStrategy
 from hetero_testnet.model.optim import clip_coefficient
 
@@ -145,7 +145,8 @@ class MaskedGradientReducer:
         sums are all-reduced, so every rank adds the same numbers in the same order.
         """
         start, end = shard_bounds(self.layout.grad_numel, rank, world)
-        partial = torch.zeros(world, dtype=torch.float64, device=self.buffer.device)  # NCCL needs device tensors
+        # NCCL needs device tensors; MPS has no float64 (its partials go through host memory anyway)
+        partial = torch.zeros(world, dtype=torch.float64, device=float64_device(self.buffer.device))
         partial[rank] = sum_of_squares(self.buffer, start, end)
         if world > 1:
             self.strategy.sum_partials(partial)

@@ -19,6 +19,7 @@ where the mask allows; `build_optimizer` picks one of the two from `OptimizerCon
 from __future__ import annotations
 
 import math
+import struct
 from typing import Iterable, Mapping
 
 import torch
@@ -86,18 +87,27 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (total_norm + 1e-6))
 
 
-def _bias_correction(step: torch.Tensor, beta: float) -> torch.Tensor | float:
-    """`1 - beta**step` per element, with Python's pow on each distinct integer count.
+def _fp32(x: float) -> float:
+    """`x` rounded to the nearest float32 (as a tensor stores it), back as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
-    Exactly the value `torch.optim.AdamW` computes for a scalar step, and independent of how the
-    tensor is vectorised (a tensor `pow` is not correctly rounded).
+
+def _per_neuron_factors(step: torch.Tensor, lr: float, b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`lr / (1 - b1**n)`, `sqrt(1 - b2**n)`) per neuron for step counts `n`, float32 on `step`'s device.
+
+    Computed in Python doubles for each distinct integer count (a tensor `pow` is not correctly
+    rounded, and MPS has no float64 tensors): each bias correction is rounded to float32 first, as the
+    float32 tensor this once was, then the quotient and the square root are rounded to float32. So
+    the bits equal the former float64-tensor computation on every device, and
+    `torch.optim.AdamW`'s for a count shared by all neurons.
     """
-    if step.dim() == 0:
-        return 1.0 - beta ** float(step)
-    out = torch.empty_like(step)
-    for value in torch.unique(step).tolist():
-        out[step == value] = 1.0 - beta ** value
-    return out
+    step_size = torch.empty_like(step)
+    bc2_sqrt = torch.empty_like(step)
+    for n in torch.unique(step).tolist():
+        where = step == n
+        step_size[where] = lr / _fp32(1.0 - b1 ** n)
+        bc2_sqrt[where] = math.sqrt(_fp32(1.0 - b2 ** n))
+    return step_size, bc2_sqrt
 
 
 class MaskedAdamW:
@@ -161,15 +171,12 @@ class MaskedAdamW:
         b1, b2 = self.beta1, self.beta2
         m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
         new_step = step + 1.0
-        bc1 = _bias_correction(new_step, b1)
-        bc2 = _bias_correction(new_step, b2)
-        if isinstance(bc1, float):
-            step_size: torch.Tensor | float = lr / bc1
-            bc2_sqrt: torch.Tensor | float = bc2 ** 0.5
+        if new_step.dim() == 0:  # Python's pow of the count: exactly torch.optim.AdamW's scalar step
+            count = float(new_step)
+            step_size: torch.Tensor | float = lr / (1.0 - b1 ** count)
+            bc2_sqrt: torch.Tensor | float = (1.0 - b2 ** count) ** 0.5
         else:
-            # per neuron: the same Python double values, rounded to fp32 as torch rounds scalars
-            step_size = (lr / bc1.double()).float()
-            bc2_sqrt = torch.sqrt(bc2.double()).float()
+            step_size, bc2_sqrt = _per_neuron_factors(new_step, lr, b1, b2)
         # Unmasked: update in place (the embedding and head are 12.9 M elements each, so every
         # temporary counts). Masked: compute on copies, then keep them only where the mask is True.
         new_p, new_m, new_v = (p, m, v) if mask is None else (p.detach().clone(), m.clone(), v.clone())
