@@ -21,6 +21,7 @@ Failure semantics of `Formation`:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
