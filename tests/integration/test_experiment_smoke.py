@@ -155,7 +155,7 @@ def test_timeout_escalates_with_signals(fake):
     assert outcome.status == "timeout" and outcome.exit_code == 130
 
 
-def test_ctrl_c_is_forwarded_and_reraised(fake):
+def test_ctrl_c_is_forwarded_and_reraised(fake, ctrl_c_raises):
     runner = fake({"0-0-seed1": ["hang"]}, only=["0-0-seed1"])
     exp = runner.experiment_dir
 

@@ -27,21 +27,30 @@ def start_args(logs_dir: Path, name: str, *extra: str) -> list[str]:
                        "--logs-dir", str(logs_dir), "--name", name, "--threads", "1", *extra)
 
 
-def run_start(logs_dir: Path, name: str, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def restore_sigint() -> None:
+    """`preexec_fn` of every testnet a test starts: SIGINT back to its default, so Python installs its
+    KeyboardInterrupt handler even when the test run itself ignores SIGINT (a background job, nohup).
+    A test that sends SIGINT must not depend on how pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_start(logs_dir: Path, name: str, *extra: str, timeout: float = 240,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(start_args(logs_dir, name, *extra), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=ROOT, preexec_fn=restore_sigint, env=env)
 
 
-def spawn_start(logs_dir: Path, name: str, *extra: str) -> subprocess.Popen:
+def spawn_start(logs_dir: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(start_args(logs_dir, name, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, preexec_fn=restore_sigint, env=env)
 
 
 @contextmanager
-def live_testnet(logs_dir: Path, name: str, *extra: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+def live_testnet(logs_dir: Path, name: str, *extra: str,
+                 env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
     """A testnet running in the background, and its run directory; killed on the way out, whatever
     the test did, so a failed assertion never leaves a run behind."""
-    proc = spawn_start(logs_dir, name, *extra)
+    proc = spawn_start(logs_dir, name, *extra, env=env)
     try:
         yield proc, logs_dir / name
     finally:

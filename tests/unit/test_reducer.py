@@ -229,7 +229,8 @@ def test_allreduce_charges_the_fault_delay_then_sums(monkeypatch):
     reducer = MaskedGradientReducer(layout, sync, max_grad_norm=0.0)
     reducer.buffer.copy_(buf)
     out = reducer.reduce(masks, 5)
-    delay = 20.0 / 1000.0 + jitter / 1000.0 + layout.total_numel * 4 / 1e6  # as charged since the start
+    sent = 2 * (3 - 1) * layout.total_numel * 4 // 3  # what one of 3 ranks sends in a ring all-reduce
+    delay = 20.0 / 1000.0 + jitter / 1000.0 + sent / 1e6
     assert sleeps == [delay] and out.fault_delay_s == delay
     assert ex.all_reduce_sum.call_count == 2  # the buffer, then the norm partials
     assert ex.all_reduce_sum.call_args_list[0].args[0] is reducer.buffer
@@ -259,7 +260,8 @@ def test_registry():
 
 def test_network_faults_wire_round_trip():
     f = NetworkFaults(latency_ms=5, latency_jitter_ms=2.5, bandwidth_bytes_per_s=1e6)
-    assert f.to_wire() == {"latency_ms": 5.0, "latency_jitter_ms": 2.5, "bandwidth_bytes_per_s": 1e6}
+    assert f.to_wire() == {"latency_ms": 5.0, "latency_jitter_ms": 2.5, "bandwidth_bytes_per_s": 1e6,
+                           "packet_loss": 0.0}
     assert NetworkFaults.from_wire(f.to_wire()) == f
     assert NetworkFaults.from_wire({}) == NetworkFaults.from_wire(None) == NetworkFaults()
     assert isinstance(NetworkFaults.from_wire({"latency_ms": 3}).latency_ms, float)

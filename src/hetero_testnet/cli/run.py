@@ -10,6 +10,7 @@ values mean) and runs; nothing here decides anything about the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -24,6 +25,8 @@ from hetero_testnet.cli.options import (Demo1BitOption, DemoApplyOption, DemoChu
                                         OuterLrOption, OuterMomentumOption, SyncOption, TokenFileOption,
                                         VerboseOption, parse_address, parse_float_list, parse_int_list,
                                         parse_latency, read_token, resolve_device, warn_config)
+from hetero_testnet.cli.net_options import (DEFAULT_AUTO_CHECKPOINT_EVERY, AdvertiseHostOption, AutoCheckpointOption,
+                                            GlooIfnameOption, PacketLossOption)
 from hetero_testnet.cli.metrics import (WandbEntityOption, WandbGroupOption, WandbProjectOption, finish_stream,
                                         start_wandb_stream)
 from hetero_testnet.config import DEFAULT_CONFIG
@@ -103,12 +106,16 @@ def start(
                                                             "exchange: BASE or BASE-JITTER ms.")] = None,
     fault_bandwidth_limit: Annotated[float, typer.Option("--fault-bandwidth-limit", help="Bytes/s cap applied "
                                                          "to each client's exchange (0 = none).")] = 0.0,
+    fault_packet_loss: PacketLossOption = 0.0,
+    auto_checkpoint_every: AutoCheckpointOption = DEFAULT_AUTO_CHECKPOINT_EVERY,
+    advertise_host: AdvertiseHostOption = None,
+    gloo_ifname: GlooIfnameOption = None,
     wandb_project: WandbProjectOption = None,
     wandb_group: WandbGroupOption = None,
     wandb_entity: WandbEntityOption = None,
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
-    from hetero_testnet.run.plan import FaultPlan, plan_launch
+    from hetero_testnet.run.plan import FaultPlan, check_recovery_and_network, plan_launch
     from hetero_testnet.run.sync_flags import SyncFlags
 
     tier_list = parse_int_list(tiers, "--tiers")
@@ -118,7 +125,9 @@ def start(
     faults = FaultPlan(random_kill_num=random_kill_num, random_kill_interval_s=random_kill_interval,
                        allowed_to_kill=parse_int_list(allowed_to_kill, "--allowed-to-kill"),
                        kill_restart_delay_s=kill_restart_delay, latency_ms=latency, latency_jitter_ms=jitter,
-                       bandwidth_bytes_per_s=fault_bandwidth_limit)
+                       bandwidth_bytes_per_s=fault_bandwidth_limit, packet_loss=fault_packet_loss)
+    check_recovery_and_network(auto_checkpoint_every=auto_checkpoint_every, bind=bind, advertise_host=advertise_host,
+                               gloo_ifname=gloo_ifname)
     plan = plan_launch(
         num_clients=num_clients, config_path=config_path, tiers=tier_list, helper_fractions=fractions,
         rotation_intervals=intervals, name=name, logs_dir=logs_dir, resume=resume, seed=seed, total_steps=total_steps,
@@ -129,6 +138,8 @@ def start(
         bind=bind, server_port=server_port, device=device, threads=threads,
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
         command_line=shlex.join(["testnet", *sys.argv[1:]]))
+    plan = dataclasses.replace(plan, auto_checkpoint_every=auto_checkpoint_every, advertise_host=advertise_host,
+                               gloo_ifname=gloo_ifname)
     warn_config(plan.config)
     stream = None
     if wandb_project:
@@ -186,6 +197,9 @@ def coordinator(
                                                             "to every client's exchange.")] = None,
     fault_bandwidth_limit: Annotated[float, typer.Option("--fault-bandwidth-limit",
                                                          help="Bytes/s cap for every client's exchange.")] = 0.0,
+    fault_packet_loss: PacketLossOption = 0.0,
+    auto_checkpoint_every: AutoCheckpointOption = DEFAULT_AUTO_CHECKPOINT_EVERY,
+    advertise_host: AdvertiseHostOption = None,
     listen_fd: Annotated[Optional[int], typer.Option("--listen-fd", hidden=True,
                                                      help="Inherited listening socket (used by start).")] = None,
     verbose: VerboseOption = False,
@@ -193,7 +207,7 @@ def coordinator(
     """Run the coordinator (control plane) of one run."""
     from hetero_testnet.events import setup_logging
     from hetero_testnet.run.serving import run_coordinator
-    from hetero_testnet.run.plan import FaultPlan, plan_coordinator
+    from hetero_testnet.run.plan import FaultPlan, check_recovery_and_network, plan_coordinator
 
     token = read_token(token_file)
     latency, jitter = parse_latency(fault_latency_ms)
@@ -201,8 +215,13 @@ def coordinator(
         config_path=config_path, run_dir=run_dir, token=token, bind=bind, server_port=server_port,
         expect_clients=expect_clients, sync=sync, device=device, backend=_backend(backend), min_clients=min_clients,
         checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, total_steps=total_steps,
-        network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit),
+        network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit,
+                          packet_loss=fault_packet_loss),
         listen_fd=listen_fd)
+    check_recovery_and_network(auto_checkpoint_every=auto_checkpoint_every, bind=bind, advertise_host=advertise_host)
+    if not 0.0 <= fault_packet_loss < 1.0:
+        raise ConfigError(f"--fault-packet-loss must be a probability in [0, 1) (got {fault_packet_loss:g})")
+    opts = dataclasses.replace(opts, auto_checkpoint_every=auto_checkpoint_every, advertise_host=advertise_host)
     warn_config(cfg)
     setup_logging(lambda: "[coordinator]", stream=sys.stderr, verbose=verbose)
     raise typer.Exit(run_coordinator(cfg, opts))
@@ -230,12 +249,13 @@ def client(
     token_file: TokenFileOption = None,
     coordinator_timeout: Annotated[float, typer.Option("--coordinator-timeout", help="Exit when the coordinator "
                                                        "is silent this long (s).")] = 15.0,
+    gloo_ifname: GlooIfnameOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run one client: join a coordinator and train at a MatFormer tier."""
     from hetero_testnet.events import setup_logging
     from hetero_testnet.run.client import ClientOptions, run_client
-    from hetero_testnet.run.plan import check_helper_fraction
+    from hetero_testnet.run.plan import check_helper_fraction, check_recovery_and_network
 
     host, port = parse_address(coordinator_address)
     if tier < 0:  # the width check (matformer.ffn_width) needs the run's config: the coordinator does it
@@ -244,6 +264,9 @@ def client(
     if threads < 1:
         raise ConfigError("--threads must be >= 1")
     token = read_token(token_file)
+    if gloo_ifname is not None:
+        check_recovery_and_network(auto_checkpoint_every=0, bind="", advertise_host=None, gloo_ifname=gloo_ifname)
+        os.environ["GLOO_SOCKET_IFNAME"] = gloo_ifname  # read by gloo when a group forms
     dev = resolve_device(device)
     opts = ClientOptions(coordinator_host=host, coordinator_port=port, token=token, tier=tier, client_id=client_id,
                          helper_fraction=helper_fraction, helper_rotation_interval=helper_rotation_interval,

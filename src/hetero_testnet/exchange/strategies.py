@@ -16,10 +16,10 @@ a new one is a subclass here plus one line in that registry.
 - `diloco`: `allreduce` of the pseudo-gradient buffer once per round (`exchange/diloco_stepper.py`),
   optionally with the gradient part as bfloat16 on the wire.
 
-Bytes and the bandwidth fault: each strategy charges `NetworkFaults.delay_s` on the bytes it puts
-on the wire (`wire_bytes`): `allreduce` the float32 buffer, as charged since the start (a ring moves
-2 (W-1)/W of it each way); `diloco` the same buffer (bf16 part halved); `demo` (W-1) payloads, what
-one rank sends in an all_gather.
+Bytes and the network faults: each strategy charges `NetworkFaults.delay_s` on the bytes this rank
+sends: for `allreduce` 2 (W-1)/W (a ring, `sent_bytes`) of what it puts on the wire (`wire_bytes`,
+the float32 buffer), nothing alone; `diloco` the same of its buffer (bf16 part halved); `demo` (W-1)
+payloads, what one rank sends in an all_gather.
 
 `SingleProcess` is not a `--sync` choice: it is the one-process baseline (`testnet train`), whose
 buffer already holds the finished gradient (see `packs`).
@@ -71,6 +71,12 @@ class SyncStrategy(ABC):
         """Bytes of `buffer` as `exchange_buffer` puts it on the wire: float32, 4 per element."""
         return buffer.numel() * 4
 
+    def sent_bytes(self, wire_bytes: int) -> int:
+        """What this rank sends when `wire_bytes` are SUM-reduced: 2 (W-1)/W of them (a ring), 0 alone;
+        the network faults charge these."""
+        world = self.group()[1]
+        return 2 * (world - 1) * wire_bytes // world
+
 
 class AllReduceSync(SyncStrategy):
     """`allreduce`: SUM over the current generation's process group (gloo), after the fault delay."""
@@ -89,7 +95,7 @@ class AllReduceSync(SyncStrategy):
         return (self.exchange.rank if world > 1 else 0), world
 
     def exchange_buffer(self, buffer: torch.Tensor) -> float:
-        delay = self.faults.delay_s(buffer.numel() * 4, self.rng)  # float32 bytes, as charged since the start
+        delay = self.faults.delay_s(self.sent_bytes(self.wire_bytes(buffer)), self.rng)  # what this rank sends
         if delay > 0:
             time.sleep(delay)  # fault injection: the link is slow, nothing waits on anything
         self.exchange.all_reduce_sum(buffer)
@@ -126,7 +132,7 @@ class DiLoCoSync(AllReduceSync):
     def exchange_buffer(self, buffer: torch.Tensor) -> float:
         if not self.bf16:
             return super().exchange_buffer(buffer)
-        delay = self.faults.delay_s(self.wire_bytes(buffer), self.rng)
+        delay = self.faults.delay_s(self.sent_bytes(self.wire_bytes(buffer)), self.rng)
         if delay > 0:
             time.sleep(delay)  # fault injection, as in allreduce
         grads = buffer[:self.grad_numel].to(torch.bfloat16)

@@ -14,10 +14,19 @@ coordinator decides membership, data, LR and whether each step is applied. Per s
 Under allreduce gradients live in the reducer's flat buffer (`p.grad` are views of it), so the
 exchange copies nothing.
 
+Ready->Go: after its compute the client sends `ComputeDone` and waits for `Go` before the first
+collective of the round (the gate `GradientExchange.arm_gate` runs); `Go` carries the timeout every
+collective of the round runs under. Waits on a forming group or on `Go` keep reading the control
+connection, so the coordinator can always redirect the client (`run/client_waits.py`).
+
 Failure semantics: a failed collective is reported as `RoundFailed` and the client waits for a
-new `Generation`. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
+new `Generation`. A formation is abandoned when the coordinator announces another generation (or
+drops the client) or at its timeout (then `RoundFailed`); a `Discard` instead of `Go` drops the
+round before any collective. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
 reconnect and rejoin; its state is refreshed by broadcast. A silent or vanished coordinator
-(no message, not even a ping, within `coordinator_timeout_s`) ends the client with exit code 1.
+(no message, not even a ping, within `coordinator_timeout_s`) ends the client with exit code 1;
+a formation thread stuck past `client_waits.STUCK_EXIT_S` ends it with `EXIT_STUCK` (75, the
+launcher restarts it). `Generation.restore` makes it load a recovery checkpoint first.
 """
 
 from __future__ import annotations
@@ -40,13 +49,16 @@ from hetero_testnet.data.shards import open_split
 from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
 from hetero_testnet.events import format_kv
 from hetero_testnet.exchange.faults import NetworkFaults
-from hetero_testnet.exchange.group import GradientExchange
+from hetero_testnet.exchange.group import FORM_GRACE_S, GradientExchange
 from hetero_testnet.exchange.modes import build_stepper
 from hetero_testnet.exchange.stepper import build_round_work
 from hetero_testnet.model.checkpoint import load_checkpoint, parameter_checksum, save_checkpoint
 from hetero_testnet.model.matformer import build_neuron_set, ffn_width
 from hetero_testnet.model.nanogpt import build_model
 from hetero_testnet.model.train import evaluate
+from hetero_testnet.run.client_waits import (BackgroundSaver, RoundCancelled, StuckWatchdog, await_go,
+                                             wait_for_formation)
+from hetero_testnet.run.testhooks import DeathHooks
 
 log = logging.getLogger("hetero_testnet")
 HEARTBEAT_INTERVAL_S = 1.0
@@ -86,6 +98,10 @@ class Client:
         self.exchange: GradientExchange | None = None
         self.pending: PendingUpdate | None = None
         self.applied_step = 0
+        self.deferred: P.Message | None = None
+        """A message a wait read but did not consume: the main loop handles it next."""
+        self.hooks = DeathHooks.from_env()
+        self.saver = BackgroundSaver()
 
     # ------------------------------------------------------------------ setup
     def connect(self) -> P.Welcome:
@@ -102,7 +118,8 @@ class Client:
         return reply
 
     def setup(self, welcome: P.Welcome) -> None:
-        self.client_id = welcome.client_id
+        self.client_id = self.hooks.client_id = welcome.client_id
+        self.welcome = welcome
         self.cfg: RunConfig = parse_run_config(welcome.config, base_dir=Path.cwd())
         if self.opts.data_dir is not None:
             self.cfg = self.cfg.with_data_dir(self.opts.data_dir)
@@ -119,18 +136,24 @@ class Client:
         if self.exchange is None:
             self.exchange = GradientExchange(welcome.store_host, welcome.store_port, welcome.backend,
                                              self.opts.connect_timeout_s)
-        o = self.opts
-        self.stepper = build_stepper(welcome.sync, self.model, self.cfg, self.exchange,
-                                     NetworkFaults.from_wire(welcome.fault), tier=o.tier,
-                                     helper_fraction=o.helper_fraction, rotation_interval=o.helper_rotation_interval)
+            self.exchange.phase_hook = self.hooks.at
+            self.watchdog = StuckWatchdog(self.exchange.abandoned)
+        self.stepper = self._build_stepper()
         if ckpt is not None and ckpt.optimizer_state is not None:
             self.stepper.load_optimizer_state(ckpt.optimizer_state)
         log.info("joined run %s as client %d: tier %d, ffn width %d, %d threads", welcome.run_id,
                  self.client_id, self.opts.tier, self.width, torch.get_num_threads())
 
+    def _build_stepper(self):
+        o, w = self.opts, self.welcome
+        return build_stepper(w.sync, self.model, self.cfg, self.exchange, NetworkFaults.from_wire(w.fault), tier=o.tier,
+                             helper_fraction=o.helper_fraction, rotation_interval=o.helper_rotation_interval)
+
     # ------------------------------------------------------------------ the loop
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(HEARTBEAT_INTERVAL_S):
+            if self.exchange is not None:
+                self.watchdog.check()
             conn = self.conn
             try:
                 if conn is not None:
@@ -151,7 +174,7 @@ class Client:
     def _loop(self) -> int:
         while True:
             try:
-                message = self.conn.recv(self.opts.coordinator_timeout_s)
+                message, self.deferred = self.deferred or self.conn.recv(self.opts.coordinator_timeout_s), None
                 if isinstance(message, P.Shutdown):
                     log.info("shutdown: status=%s reason=%s", message.status, message.reason)
                     self._close()
@@ -186,7 +209,7 @@ class Client:
 
     def _rejoin(self) -> None:
         self._close()
-        welcome = self.connect()
+        self.welcome = welcome = self.connect()
         self.stepper.sync.faults = NetworkFaults.from_wire(welcome.fault)
 
     def _close(self) -> None:
@@ -215,30 +238,57 @@ class Client:
             log.warning("ignoring unexpected %s message", message.type)
 
     def on_generation(self, g: P.Generation) -> None:
+        """Form generation g (the state broadcast included) in a thread; abandon it when the
+        coordinator moves on (another message arrives) or at its timeout (`RoundFailed`)."""
+        if g.restore is not None:
+            self.restore(g.restore)
+        is_source = g.rank == g.state_source_rank
+        flat = self._state_buffer(is_source) if g.state_source_rank is not None else None
+        formation = self.exchange.start_forming(g.generation, g.rank, g.world_size, g.timeout_s,
+                                                broadcast=None if flat is None else (flat, g.state_source_rank))
+        self.deferred = wait_for_formation(self.conn, formation.done, time.monotonic() + g.timeout_s + FORM_GRACE_S)
+        if self.deferred is not None or not formation.done.is_set():
+            self.exchange.abandon(formation)
+            if self.deferred is None:
+                self.conn.send(P.RoundFailed(step=g.step, generation=g.generation,
+                                             reason=f"forming generation {g.generation} did not end in time"))
+            return
         try:
-            form_s = self.exchange.form(g.generation, g.rank, g.world_size, g.timeout_s)
-            if g.state_source_rank is not None:
-                self.sync_state(g.state_source_rank, g.rank == g.state_source_rank,
-                                behind=self.applied_step != g.step)
-                self.applied_step = g.step
+            form_s = self.exchange.adopt(formation)
         except PeerLostError as e:
             self.conn.send(P.RoundFailed(step=g.step, generation=g.generation, reason=str(e)))
             return
+        if flat is not None:
+            if not is_source:
+                self.stepper.load_state(flat, behind=self.applied_step != g.step)
+            self.applied_step = g.step
         log.info("generation %d: rank %d of %d, members %s%s (%.3f s)", g.generation, g.rank, g.world_size,
                  g.members, "" if g.state_source_rank is None else f", state from rank {g.state_source_rank}",
                  form_s)
         self.conn.send(P.GroupReady(generation=g.generation, step=g.step,
                                     checksum=self.stepper.shared_checksum()))
 
-    def sync_state(self, src_rank: int, is_source: bool, *, behind: bool) -> None:
-        """Broadcast the stepper's state (parameters and optimizer state under allreduce) from
-        `src_rank` in one flat buffer; `behind`: this client did not hold the current state."""
+    def _state_buffer(self, is_source: bool) -> torch.Tensor:
+        """The flat float32 buffer of the stepper's state (parameters and optimizer state under
+        allreduce) for the broadcast to joiners: a copy on the source, empty elsewhere."""
         tensors = self.stepper.state_tensors()
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors]) if is_source else \
-            torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=self.device)
-        self.exchange.broadcast(flat, src_rank)
-        if not is_source:
-            self.stepper.load_state(flat, behind=behind)
+        if is_source:
+            return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        return torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=self.device)
+
+    def restore(self, source: str) -> None:
+        """Load a recovery checkpoint ("initial": the run's starting state) into a fresh stepper."""
+        path = self.welcome.initial_checkpoint if source == "initial" else source
+        ckpt = load_checkpoint(Path(path)) if path else None
+        with torch.no_grad():
+            self.model.load_state_dict(ckpt.model_state if ckpt is not None
+                                       else build_model(self.cfg.model, self.cfg.seed).state_dict())
+        self.stepper = self._build_stepper()
+        if ckpt is not None and ckpt.optimizer_state is not None:
+            self.stepper.load_optimizer_state(ckpt.optimizer_state)
+        self.pending = None
+        self.applied_step = int(ckpt.meta.get("step", 0)) if ckpt is not None else 0
+        log.info("restored the state of step %d from %s", self.applied_step, path or "the seed")
 
     def on_round(self, r: P.Round) -> None:
         ranges = [(r.sample_start, r.sample_count)] + [(int(a), int(b)) for a, b in r.extra_ranges]
@@ -246,10 +296,18 @@ class Client:
                                 lambda start, count: self.train_data.batch(start, count).to(self.device),
                                 self.stepper.neurons)
         self.pending = None
+        self.hooks.at("compute")
+        t0 = time.perf_counter()
+        self.exchange.arm_gate(lambda: self._ready(r, t0))
         try:
             out = self.stepper.run_round(work)
+            self.exchange.pass_gate()  # a round without a collective passes the gate too
         except PeerLostError as e:  # nothing was applied; the stepper undid what its mode must undo
+            self.exchange.arm_gate(None)
             self.stepper.discard()
+            if isinstance(e, RoundCancelled):
+                self._cancelled(r, e.message)
+                return
             log.warning("step %d: exchange failed: %s", r.step, e)
             self.conn.send(P.RoundFailed(step=r.step, generation=r.generation, reason=str(e)))
             return
@@ -265,7 +323,22 @@ class Client:
                                  exchange_time_s=out.exchange_time_s, grad_norm=P.sanitize_float(out.grad_norm),
                                  nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20,
                                  bytes_sent=out.bytes_sent, bytes_received=out.bytes_received,
-                                 inner_steps=r.inner_steps))
+                                 inner_steps=r.inner_steps, collective_time_s=self.exchange.collective_time_s))
+
+    def _ready(self, r: P.Round, t0: float) -> None:
+        """The round's gate: report the compute done, wait for `Go`, take its collective timeout."""
+        self.conn.send(P.ComputeDone(step=r.step, generation=r.generation, compute_time_s=time.perf_counter() - t0))
+        go = await_go(self.conn, r.step, self.opts.coordinator_timeout_s)
+        self.exchange.op_timeout_s = go.exchange_timeout_s
+        self.hooks.at("exchange")
+
+    def _cancelled(self, r: P.Round, message: P.Message) -> None:
+        """The coordinator sent `message` instead of `Go`: a Discard of this round is consumed here
+        (the stepper already dropped it), anything else is handled by the main loop next."""
+        if isinstance(message, P.Discard) and message.step == r.step:
+            log.warning("step %d discarded before its exchange: %s", r.step, message.reason)
+        else:
+            self.deferred = message
 
     def on_commit(self, c: P.Commit) -> None:
         if self.pending is None or self.pending.step != c.step:
@@ -292,8 +365,20 @@ class Client:
         self.conn.send(P.EvalResult(step=e.step, results=results))
 
     def on_save(self, s: P.SaveCheckpoint) -> None:
+        if s.background:
+            self.saver.save(Path(s.path), self.model, self.stepper.checkpoint_optimizer(), dict(s.meta),
+                            lambda checksum: self._send_quietly(P.Saved(step=s.step, path=s.path, checksum=checksum)))
+            return
         save_checkpoint(Path(s.path), self.model, self.stepper.checkpoint_optimizer(), dict(s.meta))
         self.conn.send(P.Saved(step=s.step, path=s.path, checksum=parameter_checksum(self.model)))
+
+
+    def _send_quietly(self, message: P.Message) -> None:
+        """Send from a background thread; a lost connection is the main loop's business."""
+        try:
+            self.conn.send(message)
+        except PeerLostError:
+            pass
 
 
 def run_client(opts: ClientOptions) -> int:

@@ -13,10 +13,14 @@ Failure semantics (torchft's voted commit):
   collective, or misses the round deadline makes the coordinator send `Discard` to the others;
   the data index does not advance, so the same samples are assigned again. After
   MAX_CONSECUTIVE_DISCARDS discards of one step in a row the run fails.
-- After a discard the survivors form a new generation (fresh store prefix). Below `min_clients`
+- A round is Ready->Go (`readygo`): `Go` starts the collectives once every member reported
+  `ComputeDone`, each under a short timeout derived from their measured cost.
+- After a discard the survivors form a new generation (fresh store prefix); clients abandon a
+  formation the moment a newer generation is announced. Below `min_clients`
   the run waits for members up to `waiting_for_members_timeout`, then fails with a reason.
 - A client that joins (or rejoins) mid-run enters at the next step boundary: the new generation
-  names a member that holds the current state as broadcast source.
+  names a member that holds the current state as broadcast source. When no member holds it (all
+  holders died at once) the run rewinds to the newest recovery checkpoint (`recovery`) and replays.
 - Every member reports a parameter checksum after applying each step (each round under diloco,
   `rounds`); with a shared model (all but `--sync none`) two different ones stop the run at once.
 """
@@ -28,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,11 @@ from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.optim import lr_at
 from hetero_testnet.run import protocol as P
-from hetero_testnet.run.inbox import Inbox
+from hetero_testnet.run.inbox import Gathered, Inbox
 from hetero_testnet.run.membership import Member, Membership
 from hetero_testnet.run.plan import CoordinatorOptions
+from hetero_testnet.run.readygo import FORM_TIMEOUT_S, REPLY_MARGIN_S, ExchangeTimeouts, accept_compute_done
+from hetero_testnet.run.recovery import Recovery, RecoveryPoint
 from hetero_testnet.run.records import StepRecords
 from hetero_testnet.run.rounds import RoundPlanner
 from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
@@ -49,25 +54,10 @@ from hetero_testnet.rundir import RunDir
 
 log = logging.getLogger("hetero_testnet")
 
-HANG_CHECK_INTERVAL_S = 1.0
-"""How often a wait for replies looks for hung members."""
 COOLDOWN_FLOOR_S = 10.0
 """The cooldown waits at least this long (plus a round's deadline) for final checksums, evals and the save."""
 MAX_CONSECUTIVE_DISCARDS = 5
 """The run fails when one step is discarded this many times in a row (retries are bounded)."""
-
-
-@dataclass
-class Gathered:
-    """What `Coordinator._gather` collected, and why it stopped early (if it did)."""
-
-    replies: dict[int, Any]
-    """client id -> the reply accepted from it."""
-    failure: str | None = None
-    """Why the wait failed: the generation broke, a member hung, or a member reported a failure."""
-    timed_out: bool = False
-    late: list[Member] = field(default_factory=list)
-    """At a timeout: the live members without a reply (the caller drops them, with its reason)."""
 
 
 class Coordinator:
@@ -97,6 +87,12 @@ class Coordinator:
                            on_lost=lambda member, reason: self.membership.mark_lost(member, reason,
                                                                                     step=self.totals.step))
         self.consecutive_discards = 0
+        self.exchange_timeouts = ExchangeTimeouts(self.timing.max_round_train_time)
+        self.recovery = Recovery(self.files, options.auto_checkpoint_every, RecoveryPoint(
+            options.start_step, str(options.resume_checkpoint or "initial"), options.start_data_index,
+            self.totals.tokens_seen, 0))
+        self.formed: set[tuple[int, int]] = set()  # (client id, incarnation) of members that formed a group
+        self.round_plan: Any = None
         self.paused = False
         self.store: Any = None
         self.store_host, self.store_port = "", 0
@@ -134,42 +130,6 @@ class Coordinator:
     def alive_members(self) -> list[Member]:
         return self.membership.alive()
 
-    async def _gather(self, members: list[Member], accept: Callable[[Member, Any], bool | str],
-                      deadline: float) -> Gathered:
-        """Wait until each of `members` has sent a reply, the wait fails, or `deadline` (monotonic) passes.
-
-        `accept(member, message)` returns True for a reply (kept by client id), a reason for a message
-        that fails the wait (a `RoundFailed`), and False for anything else. It returns early when:
-        - the generation broke (a member was lost or replaced): `failure` is `membership.broken`;
-        - a member sent nothing, not even a heartbeat, for `membership.HANG_TIMEOUT_S`: it is
-          dropped (it may rejoin) and `failure` names it; the others may be blocked in a collective
-          with it, not hung;
-        - `accept` returned a reason: that is the `failure`;
-        - the deadline passed: `timed_out`, and `late` lists the live members without a reply, for
-          the caller to drop with its own reason.
-        The replies are complete only when none of these happened; the caller must not commit otherwise.
-        """
-        replies: dict[int, Any] = {}
-        while len(replies) < len(members):
-            if self.membership.broken:
-                return Gathered(replies, failure=self.membership.broken)
-            waiting = [m for m in members if m.client_id not in replies]
-            hung = self.membership.drop_hung(waiting, step=self.totals.step)
-            if hung:
-                return Gathered(replies, failure=hung)
-            item = await self.inbox.next_message(min(deadline, time.monotonic() + HANG_CHECK_INTERVAL_S))
-            if item is None:
-                if time.monotonic() < deadline:
-                    continue
-                return Gathered(replies, timed_out=True, late=[m for m in waiting if m.alive])
-            member, message = item
-            verdict = accept(member, message)
-            if verdict is True:
-                replies[member.client_id] = message
-            elif verdict:
-                return Gathered(replies, failure=verdict)
-        return Gathered(replies)
-
     # ------------------------------------------------------------------ phases
     async def wait_for_members(self) -> None:
         """WaitingForMembers: the first time, the expected clients (or enough plus the extra time);
@@ -190,9 +150,10 @@ class Coordinator:
             if len(members) < self.min_clients:
                 await self.wait_for_members()
                 continue
-            self._announce_generation(members)
-            gathered = await self._gather(members, self._group_ready, time.monotonic() + self.timing.warmup_time
-                                          + self.timing.max_round_train_time)
+            timeout_s = self._announce_generation(members)
+            step = self.totals.step  # a rewind moves it
+            gathered = await self.inbox.gather(members, self._group_ready,
+                                               time.monotonic() + timeout_s + 1.0 + REPLY_MARGIN_S, step=step)
             if gathered.failure:
                 self.membership.broken = gathered.failure
             for m in gathered.late:
@@ -206,25 +167,39 @@ class Coordinator:
                 raise RunAborted(f"replicas differ after forming generation {self.totals.generation}: {sums}")
             for m in members:
                 m.state_step = step
+                self.formed.add((m.client_id, m.incarnation))
             return
 
-    def _announce_generation(self, members: list[Member]) -> None:
-        """Start generation g+1: tell each member its rank and who broadcasts the current state."""
-        step = self.totals.step
+    def _announce_generation(self, members: list[Member]) -> float:
+        """Start generation g+1: tell each member its rank and who broadcasts the current state (or
+        that all load a recovery checkpoint); returns the formation timeout."""
         self.totals.generation += 1
         self.membership.broken = None
         ids = [m.client_id for m in members]
-        holders = [rank for rank, m in enumerate(members) if m.state_step == step]
-        if not holders:
-            raise RunAborted(f"no connected client holds the state of step {step}")
-        source = holders[0] if len(holders) < len(members) else None
+        holders = [rank for rank, m in enumerate(members) if m.state_step == self.totals.step]
+        restore = None if holders else self._rewind()
+        step = self.totals.step
+        source = holders[0] if holders and len(holders) < len(members) else None
+        # A member that never formed a group may still be building its model: give it the warmup time.
+        settled = all((m.client_id, m.incarnation) in self.formed for m in members)
+        timeout_s = FORM_TIMEOUT_S if settled else max(FORM_TIMEOUT_S, self.timing.warmup_time)
         for rank, m in enumerate(members):
             m.in_generation = True
             m.send(P.Generation(generation=self.totals.generation, rank=rank, world_size=len(members), members=ids,
-                                step=step, state_source_rank=source, timeout_s=self.timing.max_round_train_time))
+                                step=step, state_source_rank=source, timeout_s=timeout_s, restore=restore))
         self.generation_members = ids
         self.events.emit(Event.GENERATION, step=step, generation=self.totals.generation, members=ids,
-                         state_source=ids[source] if source is not None else None)
+                         state_source=ids[source] if source is not None else None, restore=restore,
+                         timeout_s=timeout_s)
+        return timeout_s
+
+    def _rewind(self) -> str:
+        """Nobody holds the current state: go back to the newest recovery point (`recovery`)."""
+        point = self.recovery.rewind(self.totals, self.events)
+        self.epoch = point.epoch
+        self.records.rewind(point.step)
+        self.rounds = RoundPlanner.for_run(self.cfg, self.opts.sync, start_step=point.step)
+        return point.path
 
     def _group_ready(self, member: Member, message: Any) -> bool | str:
         if isinstance(message, P.GroupReady) and message.generation == self.totals.generation:
@@ -234,25 +209,29 @@ class Coordinator:
         return False
 
     async def train_round(self) -> bool:
-        """RoundTrain: one step. True if committed, False if discarded (the caller re-forms the group)."""
+        """RoundTrain: one round, Ready->Go (`readygo`). True if committed, False if discarded (the
+        caller re-forms the group)."""
         self.set_state(RunState.ROUND_TRAIN)
-        step = self.totals.step
+        step, generation = self.totals.step, self.totals.generation
         members = [self.members[c] for c in self.generation_members]
         batch = self.timing.global_batch_size(self.totals.tokens_seen)
         plan = self.rounds.plan(self.generation_members, step, self.timing.total_steps, batch, self.totals.data_index)
+        self.round_plan, self.reduced = plan, {}
         lr = lr_at(step, self.cfg.lr_schedule)
         t0 = time.monotonic()
         for m in members:
-            m.send(plan.message(m.client_id, epoch=self.epoch, generation=self.totals.generation))
-        gathered = await self._gather(members, lambda m, message: self._reduced(m, message, step, lr),
-                                      t0 + self.timing.max_round_train_time)
-        self.reduced = gathered.replies
-        failure = gathered.failure
-        if gathered.timed_out:
-            failure = (f"round deadline ({self.timing.max_round_train_time:.0f} s) missed by client(s) "
-                       + ", ".join(str(m.client_id) for m in gathered.late))
-            for m in gathered.late:
-                self.membership.drop(m, f"missed the round deadline at step {step}", step=step)
+            m.send(plan.message(m.client_id, epoch=self.epoch, generation=generation))
+        ready = await self.inbox.gather(members, accept_compute_done(self.events, step, generation, t0),
+                                        t0 + self.timing.max_round_train_time, step=step)
+        failure = self._failed(ready, step, f"round deadline ({self.timing.max_round_train_time:.0f} s)")
+        if failure is None:
+            go = P.Go(step=step, generation=generation, exchange_timeout_s=self.exchange_timeouts.timeout_s)
+            for m in members:
+                m.send(go)
+            gathered = await self.inbox.gather(members, lambda m, message: self._reduced(m, message, step, lr),
+                                               time.monotonic() + self.exchange_timeouts.reply_deadline_s, step=step)
+            self.reduced = gathered.replies
+            failure = self._failed(gathered, step, f"exchange deadline ({go.exchange_timeout_s:g} s timeout)")
         if failure is None and any(r.grad_norm is None or not math.isfinite(r.grad_norm)
                                    for r in self.reduced.values()):
             self.totals.counters["nan_inf_steps"] += 1
@@ -260,8 +239,17 @@ class Coordinator:
         if failure is not None:
             self.discard(failure, time.monotonic() - t0)
             return False
+        self.exchange_timeouts.observe(self.reduced)
         self.commit(lr, batch, plan.inner_steps, time.monotonic() - t0)
         return True
+
+    def _failed(self, gathered: Gathered, step: int, deadline: str) -> str | None:
+        """Why a gather failed (None: it did not); at a timeout the late members are dropped."""
+        if not gathered.timed_out:
+            return gathered.failure
+        for m in gathered.late:
+            self.membership.drop(m, f"missed the {deadline} at step {step}", step=step)
+        return f"{deadline} missed by client(s) " + ", ".join(str(m.client_id) for m in gathered.late)
 
     def _reduced(self, member: Member, message: Any, step: int, lr: float) -> bool | str:
         """A member's `Reduced` for this step (recorded as its witness), or its failure."""
@@ -309,7 +297,11 @@ class Coordinator:
         self.events.emit(Event.STEP_COMMITTED, step=step, epoch=self.epoch, generation=totals.generation, lr=lr,
                          loss_by_tier=loss_by_tier(self.reduced, tiers), tokens=tokens, step_wall_s=round(elapsed, 6),
                          tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0, inner_steps=inner_steps,
-                         members=self.generation_members, total_steps=self.timing.total_steps, log=False)
+                         members=self.generation_members, total_steps=self.timing.total_steps, log=False,
+                         sample_start=totals.data_index, sample_count=inner_steps * batch,
+                         samples={str(c): [[r.start, r.count] for r in w.all_ranges()]
+                                  for c, w in self.round_plan.work.items()},
+                         exchange_timeout_s=self.exchange_timeouts.timeout_s)
         totals.step += inner_steps
         totals.data_index += inner_steps * batch
         self.rounds.committed(step)
@@ -324,11 +316,14 @@ class Coordinator:
             m.send(P.Evaluate(step=self.totals.step, tiers=mine))
         return sum(len(mine) for _, mine in plan)
 
-    def request_checkpoint(self, path: Path) -> None:
-        t, source = self.totals, self.members[self.generation_members[0]]
-        meta = {"step": t.step, "data_index": t.data_index, "epoch": self.epoch, "tokens_seen": t.tokens_seen,
-                "run_id": self.cfg.run_id, "seed": self.cfg.seed}
-        source.send(P.SaveCheckpoint(step=t.step, path=str(path), meta=meta))
+    def request_checkpoint(self, path: Path, *, background: bool = False) -> None:
+        """One member saves the current state to `path` (round-robin by step); it is a recovery point."""
+        t = self.totals
+        source = self.members[self.generation_members[t.step % len(self.generation_members) if background else 0]]
+        point = RecoveryPoint(t.step, str(path), t.data_index, t.tokens_seen, self.epoch)
+        source.send(P.SaveCheckpoint(step=t.step, path=str(path), meta=point.meta(self.cfg.run_id, self.cfg.seed),
+                                     background=background))
+        self.recovery.register(point, t.saved_steps)
 
     async def drain_until(self, predicate: Callable[[], bool], deadline: float) -> None:
         """Process background messages (evals, saves, checksums) until predicate() or the deadline."""
@@ -394,6 +389,8 @@ class Coordinator:
             self.request_eval()
         if due.checkpoint:
             self.request_checkpoint(self.files.step_checkpoint(step))
+        elif self.recovery.due(step) and step < self.timing.total_steps:
+            self.request_checkpoint(self.recovery.auto_path(step), background=True)
         if time.time() - self.epoch_started >= self.timing.epoch_time:
             self.epoch += 1
             self.epoch_started = time.time()

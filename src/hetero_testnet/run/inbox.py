@@ -1,10 +1,17 @@
 """The coordinator's inbox: every member's messages, in arrival order, through one queue.
 
 Each client connection gets a reader task, `handle_connection`: its first message must be a hello
-within HELLO_TIMEOUT_S, which the coordinator's `admit` turns into a `Member` (or rejects); after
+(at most `protocol.MAX_HELLO_BYTES`) within HELLO_TIMEOUT_S, which the coordinator's `admit` turns
+into a `Member` (or rejects: wrong token, bad tier, ...); after
 that every message but heartbeats is queued (a heartbeat only refreshes `Member.last_seen`), and so
 is the connection's end. The state machine waits only through `next_message`, so one place decides
 what a wait sees.
+
+Hostile input never stops or stalls the coordinator: each bad connection is logged once and closed
+(`connection_dropped`: no hello in time, closed before hello, too many waiting; `protocol_error`:
+a malformed frame or message, wrong field types included; `client_rejected`: a wrong token or a
+bad hello). Message fields carry no client id: a connection speaks only for the member it
+authenticated as, so nobody can send for another client.
 
 Failure semantics of `next_message(deadline)`:
 - it returns None at the deadline, never later;
@@ -35,6 +42,8 @@ log = logging.getLogger("hetero_testnet")
 
 HELLO_TIMEOUT_S = 10.0
 """A new connection must say hello within this time, or it is closed."""
+MAX_PENDING_CONNECTIONS = 256
+"""Connections that have not said hello yet; more are closed at once (an idle-connection flood)."""
 HANG_CHECK_INTERVAL_S = 1.0
 """How often a wait for replies looks for hung members."""
 _JOINED = object()
@@ -67,31 +76,45 @@ class Inbox:
         self.queue: asyncio.Queue[tuple[Member | None, Any]] = asyncio.Queue()
         """(member, message); message None: its connection closed; member None: only wake the wait."""
         self.stop_reason: str | None = None
+        self.pending = 0
+        """Connections waiting for their hello."""
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One client connection, from hello to close (an asyncio server's callback)."""
-        peer = writer.get_extra_info("peername")
+        """One client connection, from hello to close (an asyncio server's callback). Whatever a peer
+        sends, this never raises: a bad connection is logged once (module docstring) and closed."""
+        peer = str(writer.get_extra_info("peername"))
         member: Member | None = None
+        if self.pending >= MAX_PENDING_CONNECTIONS:
+            self._dropped(peer, f"more than {MAX_PENDING_CONNECTIONS} connections are waiting to say hello")
+            writer.close()
+            return
+        self.pending += 1
         try:
-            hello = await asyncio.wait_for(P.read_message(reader), timeout=HELLO_TIMEOUT_S)
+            try:
+                hello = await asyncio.wait_for(P.read_message(reader, P.MAX_HELLO_BYTES), timeout=HELLO_TIMEOUT_S)
+            finally:
+                self.pending -= 1
             member = self.admit(hello, writer, peer)
             if member is None:
-                await writer.drain()
-                writer.close()
+                await asyncio.wait_for(writer.drain(), HELLO_TIMEOUT_S)
                 return
             self.queue.put_nowait((member, _JOINED))
-            while True:
-                message = await P.read_message(reader)
-                member.last_seen = time.monotonic()
-                if not isinstance(message, P.Heartbeat):
-                    await self.queue.put((member, message))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError) as e:
+            await self._serve_member(member, reader)
+        except asyncio.TimeoutError:
             if member is None:
-                log.info("connection from %s closed before hello: %s", peer, type(e).__name__)
+                self._dropped(peer, f"no hello within {HELLO_TIMEOUT_S:.0f} s")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            if member is None:
+                self._dropped(peer, f"closed before hello ({type(e).__name__})")
         except ProtocolError as e:
-            self.events.emit(Event.PROTOCOL_ERROR, level=logging.WARNING, peer=str(peer), reason=str(e))
+            self.membership.counters["protocol_errors"] += 1
+            self.events.emit(Event.PROTOCOL_ERROR, level=logging.WARNING, peer=peer, reason=str(e)[:300],
+                             client_id=member.client_id if member is not None else None)
         except asyncio.CancelledError:
             return  # the loop is shutting down; the member is reported by the run's end
+        except Exception as e:  # noqa: BLE001 - a peer must never take the coordinator down
+            log.exception("internal error serving %s", peer)
+            self._dropped(peer, f"internal error: {type(e).__name__}: {e}"[:300])
         finally:
             if member is not None:
                 await self.queue.put((member, None))
@@ -99,6 +122,17 @@ class Inbox:
                 writer.close()
             except Exception:  # noqa: BLE001 - closing a dead transport
                 pass
+
+    async def _serve_member(self, member: Member, reader: asyncio.StreamReader) -> None:
+        while True:
+            message = await P.read_message(reader)
+            member.last_seen = time.monotonic()
+            if not isinstance(message, P.Heartbeat):
+                await self.queue.put((member, message))
+
+    def _dropped(self, peer: str, reason: str) -> None:
+        self.membership.counters["connections_dropped"] += 1
+        self.events.emit(Event.CONNECTION_DROPPED, level=logging.INFO, peer=peer, reason=reason)
 
     def wake(self) -> None:
         """Make the current wait re-check its condition (a pause, a stop)."""

@@ -11,7 +11,9 @@ has exited. Ctrl-C / `exit_after_s` ask the coordinator to stop (status interrup
 the coordinator stops the clients; a client crash is the coordinator's business (fault tolerance).
 
 Faults: `--random-kill-*` SIGKILLs eligible clients every interval and restarts them with the
-same client id after a delay; every kill and restart is an event in `events.jsonl`.
+same client id after a delay; every kill and restart is an event in `events.jsonl`. Crash-only:
+a client that exits with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group; 76: a
+test hook killed it) is restarted the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 from hetero_testnet.config import dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import Event, EventTail, EventWriter, RunState
-from hetero_testnet.run.plan import TOKEN_ENV, ClientSpec, LaunchPlan
+from hetero_testnet.run.plan import GLOO_IFNAME_ENV, TOKEN_ENV, ClientSpec, LaunchPlan
 from hetero_testnet.run.processes import kill_tree, last_error_line, spawn_supervised, stop, wait_all
 from hetero_testnet.rundir import RunDir, read_json, write_json_atomic
 
@@ -45,6 +47,8 @@ COORDINATOR_EXIT_WAIT_S = 5.0
 """Without a stop request: time for an exiting coordinator to go before SIGKILL."""
 CLIENT_EXIT_WAIT_S = 5.0
 """After the coordinator: time for the clients to leave by themselves (it told them to) before SIGKILL."""
+RESTART_EXIT_CODES = {75: "stuck past a hard deadline", 76: "killed by a test hook"}
+"""Client exit codes that ask to be restarted (`run/client_waits.EXIT_STUCK`, `run/testhooks.EXIT_TEST_KILL`)."""
 _ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
 """`state` events whose `new` state ends the run (Cooldown, Finished): no more kills or restarts."""
 
@@ -57,6 +61,8 @@ class Child:
     log_path: Path
     kills: int = 0
     restarts: int = 0
+    restart_scheduled: bool = False
+    """Its exit asked for a restart that is already scheduled (crash-only)."""
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -99,6 +105,8 @@ class Launcher:
         env.setdefault("GLIBC_TUNABLES", TUNED_MALLOC)
         env["OMP_NUM_THREADS"] = str(threads)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.plan.gloo_ifname:
+            env[GLOO_IFNAME_ENV] = self.plan.gloo_ifname
         return env
 
     def _spawn(self, key: str, role: str, client_id: int | None, args: list[str], log_path: Path,
@@ -111,6 +119,7 @@ class Launcher:
             self.children[key] = child
         else:
             child.proc = proc
+            child.restart_scheduled = False
         self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
 
@@ -220,6 +229,7 @@ class Launcher:
             if next_kill is not None and now >= next_kill and not self.run_ending:
                 self._random_kill()
                 next_kill = now + p.faults.random_kill_interval_s
+            self._restart_crashed()
             self._restart_due(address)
             time.sleep(0.1)
 
@@ -240,6 +250,19 @@ class Launcher:
             self.fault_counts["kills"] += 1
             self.events.emit(Event.FAULT_KILL, client_id=child.client_id, pid=child.proc.pid, signal="SIGKILL")
             self.pending_restarts.append((time.monotonic() + f.kill_restart_delay_s, child.client_id))
+
+    def _restart_crashed(self) -> None:
+        """Schedule the restart of clients that exited asking for one (crash-only, RESTART_EXIT_CODES)."""
+        pending = {cid for _, cid in self.pending_restarts}
+        for child in self.children.values():
+            code = child.proc.poll()
+            if child.role == "client" and code in RESTART_EXIT_CODES and child.client_id not in pending \
+                    and not self.run_ending and not child.restart_scheduled:
+                child.restart_scheduled = True
+                self.events.emit(Event.CLIENT_EXITED, client_id=child.client_id, pid=child.proc.pid, exit_code=code,
+                                 reason=RESTART_EXIT_CODES[code])
+                self.pending_restarts.append((time.monotonic() + self.plan.faults.kill_restart_delay_s,
+                                              child.client_id))
 
     def _restart_due(self, address: str) -> None:
         if self.run_ending:
@@ -300,6 +323,8 @@ class Launcher:
             entry["kills"] = c.kills
             entry["restarts"] = c.restarts
         summary["faults"] = {**self.fault_counts, **self.plan.faults.network()}
+        if self.plan.faults.packet_loss:  # this launcher has no netem: the loss is the exchange's emulation
+            summary["faults"]["packet_loss_mode"] = "emulated (one retransmission round trip per lost packet)"
         if (self.stop_requested and summary.get("status") == "interrupted"
                 and self.stop_requested not in str(summary.get("reason"))):
             summary["reason"] = f"{summary.get('reason')} ({self.stop_requested})"

@@ -24,13 +24,17 @@ from typing import Any
 
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.run.devices import assign_devices
 from hetero_testnet.run.sync_flags import SyncFlags, apply_sync_flags, check_sync, check_sync_tiers
+from hetero_testnet.run.devices import assign_devices
 from hetero_testnet.rundir import RunDir
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
 """The environment variable that carries the run token (the launcher sets it for its children)."""
 DEFAULT_ROTATION_INTERVAL = 16
+DEFAULT_AUTO_CHECKPOINT_EVERY = 5
+"""Steps between automatic recovery checkpoints (`run/recovery.py`; 0 turns them off)."""
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
+"""The variable gloo reads for the network interface(s) its sockets use (`--gloo-ifname`)."""
 """Steps between helper re-draws when `--helper-rotation-intervals` is not given (the reference's)."""
 
 
@@ -55,13 +59,18 @@ class FaultPlan:
     latency_jitter_ms: float = 0.0
     bandwidth_bytes_per_s: float = 0.0
     """0 means no cap."""
+    packet_loss: float = 0.0
+    """Probability in [0, 1) that a packet of an exchange is lost (emulated, `exchange/faults.py`)."""
     seed: int = 0
     """Seeds the choice of victims (the run's seed)."""
 
     def network(self) -> dict[str, float]:
         """The network faults as the coordinator hands them to every client (`Welcome.fault`)."""
-        return {"latency_ms": self.latency_ms, "latency_jitter_ms": self.latency_jitter_ms,
-                "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s}
+        out = {"latency_ms": self.latency_ms, "latency_jitter_ms": self.latency_jitter_ms,
+               "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s}
+        if self.packet_loss:  # only when set, so runs without it hand clients what they always did
+            out["packet_loss"] = self.packet_loss
+        return out
 
 
 @dataclass
@@ -82,6 +91,11 @@ class LaunchPlan:
     command_line: str = ""
     backend: str = "gloo"
     """The collective backend the clients' devices imply (`run/devices.choose_backend`)."""
+    auto_checkpoint_every: int = DEFAULT_AUTO_CHECKPOINT_EVERY
+    advertise_host: str | None = None
+    """The store address clients are told (`--advertise-host`; default: the bind address)."""
+    gloo_ifname: str | None = None
+    """Set as GLOO_SOCKET_IFNAME for the clients (`--gloo-ifname`)."""
 
     def coordinator_args(self, listen_fd: int) -> list[str]:
         """`testnet coordinator ...` arguments; it inherits the listening socket as `listen_fd`."""
@@ -98,6 +112,12 @@ class LaunchPlan:
             args += ["--fault-latency-ms", f"{f.latency_ms:g}-{f.latency_jitter_ms:g}"]
         if f.bandwidth_bytes_per_s:
             args += ["--fault-bandwidth-limit", f"{f.bandwidth_bytes_per_s:g}"]
+        if f.packet_loss:
+            args += ["--fault-packet-loss", f"{f.packet_loss:g}"]
+        if self.auto_checkpoint_every != DEFAULT_AUTO_CHECKPOINT_EVERY:
+            args += ["--auto-checkpoint-every", str(self.auto_checkpoint_every)]
+        if self.advertise_host:
+            args += ["--advertise-host", self.advertise_host]
         return args
 
     def client_args(self, spec: ClientSpec, address: str) -> list[str]:
@@ -125,6 +145,10 @@ class CoordinatorOptions:
     fault: dict[str, Any] = field(default_factory=dict)
     listen_fd: int | None = None
     """An already listening socket inherited from the launcher (so clients can start at once)."""
+    auto_checkpoint_every: int = DEFAULT_AUTO_CHECKPOINT_EVERY
+    advertise_host: str | None = None
+    """The address clients are told to reach the store at (default: the bind address; required
+    in practice when binding 0.0.0.0, else the hostname is used)."""
 
 
 # ----------------------------------------------------------------- rules shared by the commands
@@ -211,8 +235,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, total_steps=total_steps)
     cfg = apply_sync_flags(cfg, sync_flags, resumed=resume is not None)
     specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
-    check_sync_tiers(cfg, [s.tier for s in specs])
     backend = assign_devices(specs, device)
+    check_sync_tiers(cfg, [s.tier for s in specs])
     _check_min_clients(cfg, num_clients, min_clients)
     run_dir = resume if resume is not None else _new_run_dir(logs_dir, name, specs, now)
     _check_data(cfg)
@@ -286,7 +310,23 @@ def _checked_faults(faults: FaultPlan, num_clients: int, *, seed: int) -> FaultP
             raise ConfigError(f"--allowed-to-kill names client {k}, but clients are 1..{num_clients}")
     if faults.random_kill_num < 0 or faults.random_kill_interval_s <= 0 or faults.kill_restart_delay_s < 0:
         raise ConfigError("--random-kill-num must be >= 0, --random-kill-interval > 0, --kill-restart-delay >= 0")
+    if not 0.0 <= faults.packet_loss < 1.0:
+        raise ConfigError(f"--fault-packet-loss must be a probability in [0, 1) (got {faults.packet_loss:g})")
     return dataclasses.replace(faults, allowed_to_kill=list(faults.allowed_to_kill), seed=seed)
+
+
+def check_recovery_and_network(*, auto_checkpoint_every: int, bind: str, advertise_host: str | None,
+                               gloo_ifname: str | None = None) -> None:
+    """The rules of `--auto-checkpoint-every`, `--advertise-host` and `--gloo-ifname` (both commands)."""
+    if auto_checkpoint_every < 0:
+        raise ConfigError(f"--auto-checkpoint-every must be >= 0 (got {auto_checkpoint_every}; 0 turns it off)")
+    if advertise_host is not None and (not advertise_host.strip() or advertise_host in ("0.0.0.0", "::")):
+        raise ConfigError(f"--advertise-host must be an address other machines can reach (got {advertise_host!r})")
+    if advertise_host is not None and bind not in ("0.0.0.0", "::", advertise_host):
+        raise ConfigError(f"--advertise-host {advertise_host} differs from --bind {bind}: clients could not reach "
+                          "the store", hint="bind 0.0.0.0 to listen on every interface, or drop --advertise-host")
+    if gloo_ifname is not None and not all(part.strip() for part in gloo_ifname.split(",")):
+        raise ConfigError(f"--gloo-ifname must name network interfaces, comma-separated (got {gloo_ifname!r})")
 
 
 # ----------------------------------------------------------------- testnet coordinator

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import select
 import socket
 import struct
 import threading
@@ -29,9 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hetero_testnet.errors import PeerLostError, ProtocolError
+from hetero_testnet.run.fieldcheck import check_fields, reject_constant
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_HELLO_BYTES = 64 * 1024
+"""The first message of a connection (before the token is checked) may be at most this long."""
 _HEADER = struct.Struct(">I")
 
 
@@ -84,11 +88,23 @@ class Reduced(Message):
     """None when the averaged gradient is not finite (JSON has no NaN)."""
     nan_inf: bool
     rss_mb: float
+    collective_time_s: float = 0.0
+    """Seconds inside the round's collectives after `Go` (what the exchange timeout is derived from)."""
     bytes_sent: int = 0
     """Bytes this client put on the wire for the round's exchange (`exchange/strategies.py`)."""
     bytes_received: int = 0
     inner_steps: int = 1
     """Steps the round covered (its `Round.inner_steps`): per-step figures divide by it."""
+
+
+@dataclass(kw_only=True)
+class ComputeDone(Message):
+    """Ready: the client finished its round's compute and waits for `Go` before any collective."""
+
+    type: ClassVar[str] = "compute_done"
+    step: int
+    generation: int
+    compute_time_s: float
 
 
 @dataclass(kw_only=True)
@@ -166,6 +182,9 @@ class Generation(Message):
     step: int
     state_source_rank: int | None
     timeout_s: float
+    restore: str | None = None
+    """Every member first loads this checkpoint (nobody holds the current state any more);
+    "initial" rebuilds the run's starting state."""
 
 
 @dataclass(kw_only=True)
@@ -181,6 +200,16 @@ class Round(Message):
     where the range is cut into that many pieces."""
     extra_ranges: list[list[int]] = field(default_factory=list)
     """[start, count] ranges of lost members to train as well (a diloco round repeated for survivors)."""
+
+
+@dataclass(kw_only=True)
+class Go(Message):
+    """Every member is done computing: run the round's collectives, each within `exchange_timeout_s`."""
+
+    type: ClassVar[str] = "go"
+    step: int
+    generation: int
+    exchange_timeout_s: float
 
 
 @dataclass(kw_only=True)
@@ -212,6 +241,8 @@ class SaveCheckpoint(Message):
     step: int
     path: str
     meta: dict[str, Any]
+    background: bool = False
+    """Snapshot now, write in a background thread (the automatic recovery checkpoints)."""
 
 
 @dataclass(kw_only=True)
@@ -239,8 +270,8 @@ class Shutdown(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.type: cls
-    for cls in (Hello, Heartbeat, GroupReady, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
-                Generation, Round, Commit, Discard, Evaluate, SaveCheckpoint, Dropped, Ping, Shutdown)
+    for cls in (Hello, Heartbeat, GroupReady, ComputeDone, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
+                Generation, Round, Go, Commit, Discard, Evaluate, SaveCheckpoint, Dropped, Ping, Shutdown)
 }
 
 
@@ -256,8 +287,8 @@ def encode(message: Message) -> bytes:
 
 def decode_body(data: bytes) -> Message:
     try:
-        body = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = json.loads(data.decode("utf-8"), parse_constant=reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ProtocolError(f"malformed message: {e}") from e
     if not isinstance(body, dict):
         raise ProtocolError("malformed message: not a JSON object")
@@ -272,25 +303,28 @@ def decode_body(data: bytes) -> Message:
     if unknown:
         raise ProtocolError(f"unknown field(s) {sorted(unknown)} in {cls.type} message")
     try:
-        return cls(**body)
+        return cls(**check_fields(cls, body))
     except TypeError as e:
         raise ProtocolError(f"bad {cls.type} message: {e}") from e
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_MESSAGE_BYTES) -> int:
     (length,) = _HEADER.unpack(header)
-    if length > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {length} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    if length > limit:
+        raise ProtocolError(f"message of {length} bytes exceeds the {limit}-byte limit")
+    if length == 0:
+        raise ProtocolError("empty message (a zero length prefix)")
     return length
 
 
 HEADER_BYTES = _HEADER.size
 
 
-async def read_message(reader: "asyncio.StreamReader") -> Message:
-    """One framed message from an asyncio stream (the coordinator side); EOF raises IncompleteReadError."""
+async def read_message(reader: "asyncio.StreamReader", limit: int = MAX_MESSAGE_BYTES) -> Message:
+    """One framed message (at most `limit` bytes) from an asyncio stream (the coordinator side); EOF
+    raises IncompleteReadError, anything malformed ProtocolError."""
     header = await reader.readexactly(HEADER_BYTES)
-    return decode_body(await reader.readexactly(frame_length(header)))
+    return decode_body(await reader.readexactly(frame_length(header, limit)))
 
 
 def sanitize_float(x: float | None) -> float | None:
@@ -332,6 +366,14 @@ class Connection:
                 raise PeerLostError("coordinator closed the connection")
             chunks += chunk
         return bytes(chunks)
+
+    def poll(self, timeout_s: float) -> bool:
+        """True when a message (or the connection's end) is waiting to be read (`recv` then returns at once)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
+        except (OSError, ValueError):
+            return True  # a closed socket: let recv report it
+        return bool(readable)
 
     def recv(self, timeout_s: float | None) -> Message:
         """Next message; `PeerLostError` on EOF, reset, or no message within `timeout_s`."""

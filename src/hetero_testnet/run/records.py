@@ -54,6 +54,15 @@ class StepRecords:
         for key in [k for k in self.pending_metrics if k[0] == step]:
             del self.pending_metrics[key]
 
+    def rewind(self, step: int) -> None:
+        """The run went back to `step` (a recovery): what was recorded for it and later steps is from
+        an abandoned lineage; the replayed steps get fresh checksums."""
+        for table in (self.applied, self.eval_results):
+            for s in [s for s in table if s >= step]:
+                del table[s]
+        for key in [k for k in self.pending_metrics if k[0] >= step]:
+            del self.pending_metrics[key]
+
     def record(self, member: Member, message: P.Message) -> bool:
         """Record a background message; returns True when it was one. Raises RunAborted when the
         replicas diverged."""

@@ -1,7 +1,8 @@
 """The coordinator process around the state machine: listen, signals, heartbeats, and the end.
 
 `serve` opens the listening socket (or takes the launcher's), starts the TCPStore every
-generation's process group meets at, installs the signal handlers (SIGINT/SIGTERM stop the run as
+generation's process group meets at (bound to the same address as the control socket: loopback
+by default), installs the signal handlers (SIGINT/SIGTERM stop the run as
 interrupted, SIGUSR1 pauses or resumes it at the next step boundary), writes the ready file the
 launcher waits for, pings every member every PING_INTERVAL_S, and runs `Coordinator.run`. However
 the run ends it writes `summary.json`, emits `run_finished`, tells every member to shut down and
@@ -77,8 +78,12 @@ async def _listen(c: Coordinator) -> asyncio.Server:
         raise ConfigError(f"cannot listen on {opts.host}:{opts.port}: {e.strerror or e}",
                           hint="pick another --server-port, or 0 for any free port") from e
     port = server.sockets[0].getsockname()[1]
-    c.store_host = opts.host if opts.host not in ("0.0.0.0", "::") else socket.gethostname()
-    c.store = dist.TCPStore(opts.host, 0, is_master=True, wait_for_workers=False, use_libuv=True)
+    everywhere = opts.host in ("0.0.0.0", "::", "")
+    c.store_host = opts.advertise_host or (socket.gethostname() if everywhere else opts.host)
+    # The store listens where the control socket does (loopback by default), never on every interface
+    # unless asked: it has no authentication, and its port is told only to clients that proved the token.
+    c.store = dist.TCPStore(opts.host or "0.0.0.0", 0, is_master=True, wait_for_workers=False, use_libuv=True,
+                            master_listen_fd=_bound_socket(opts.host or "0.0.0.0"))
     c.store_port = c.store.port
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -88,6 +93,20 @@ async def _listen(c: Coordinator) -> asyncio.Server:
                                       "pid": os.getpid()})
     log.info("listening on %s:%d (store port %d)", opts.host, port, c.store_port)
     return server
+
+
+def _bound_socket(host: str) -> int:
+    """A listening TCP socket on `host`, any free port; its descriptor is handed over to the store."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, 0))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot open the rendezvous store on {host}: {e.strerror or e}") from e
+    sock.listen(128)
+    return sock.detach()
 
 
 async def _finish(c: Coordinator, status: str, reason: str) -> None:

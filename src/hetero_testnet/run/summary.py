@@ -41,7 +41,8 @@ class RunTotals:
     started: float = field(default_factory=time.time)
     """When the coordinator started (epoch seconds)."""
     counters: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
-    """discarded_steps, clients_lost, clients_dropped, rejoins, rejected, nan_inf_steps."""
+    """discarded_steps, clients_lost, clients_dropped, rejoins, rejected, nan_inf_steps, restores,
+    replayed_steps, protocol_errors."""
     val_losses: dict[str, float] = field(default_factory=dict)
     """The final validation losses, keyed as the summary's `final_val_loss`."""
     replicas_identical: bool = True
@@ -81,6 +82,7 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
         "discarded_steps": counters["discarded_steps"], "clients_lost": counters["clients_lost"],
         "clients_dropped": counters["clients_dropped"], "rejoins": counters["rejoins"],
         "rejected_connections": counters["rejected"], "nan_inf_steps": counters["nan_inf_steps"],
+        "restores": counters["restores"], "replayed_steps": counters["replayed_steps"],
         "time_lost_s": round(totals.lost_time_s, 3),
         "checkpoint": str(run_dir.checkpoint) if totals.step in totals.saved_steps else None,
         "clients": clients,
