@@ -116,12 +116,15 @@ def test_dashboard_shows_the_run_and_q_stops_it_cleanly(tmp_path: Path) -> None:
         wait_for("the run to stop after q", lambda: tmux.pane("#{pane_dead}") == "1" and exit_file.is_file(), 120,
                  tmux.screen)
         status = int(exit_file.read_text())
-        final = tmux.screen()
+        # the closing lines, with the row the alternate screen's exit scrolls into history, wraps joined
+        final = tmux("capture-pane", "-p", "-J", "-S", "-40", "-t", "run")
         assert status in (0, 130), final
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] in ("interrupted", "finished"), summary
         if summary["status"] == "interrupted":
-            assert status == 130 and "q pressed" in summary["reason"]
+            assert status == 130 and summary["reason"] == "stopped from the dashboard (q pressed)"
+            assert f"run {name} interrupted: stopped from the dashboard (q pressed) |" in final
+            assert "warning(s)/error(s)" not in final and "SIGTERM" not in final
         assert f"run {name} {summary['status']}" in final  # printed after the alternate screen closed
 
         def nothing_left() -> bool:
