@@ -142,3 +142,30 @@ def test_the_cli_names_the_fields_once(tmp_path, capsys):
     warn_config(load_run_config(tmp_path / "c"))
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and err.count("rounds_per_epoch") == 1 and err.count("run_state") == 1
+
+
+def test_a_local_checkpoint_repo_takes_effect(tmp_path, tiny_config):
+    """The 20M file's `checkpoint.Hub.repo_id = "./checkpoints/nanogpt-20m-init"`, made by `testnet init`:
+    the run starts from it and, as in Psyche, takes the model's shape from it."""
+    from hetero_testnet.model.checkpoint import write_initial_checkpoint
+    from hetero_testnet.run.plan import plan_launch
+
+    (tmp_path / "cfg").mkdir()
+    text = (PSYCHE / "elastic-nanogpt-20m-run" / "state.toml").read_text()
+    (tmp_path / "cfg" / "state.toml").write_text(text.replace('"./data/fineweb10B"', f'"{ROOT / "data" / "sample"}"'))
+    assert "checkpoint Hub" in load_run_config(tmp_path / "cfg").notes[0]  # not there yet: from the seed
+    init, _ = write_initial_checkpoint(tiny_config, 7, tmp_path / "cfg" / "checkpoints" / "nanogpt-20m-init")
+    cfg = load_run_config(tmp_path / "cfg")
+    assert cfg.init_checkpoint == init.resolve() and "checkpoint" not in cfg.notes[0]
+    plan = plan_launch(num_clients=3, config_path=tmp_path / "cfg", logs_dir=tmp_path / "logs", name="p",
+                       device="cpu", cores=3)
+    assert plan.resume_checkpoint == init.resolve()
+    assert plan.config.model == tiny_config.model.__class__(**{**_fields(tiny_config.model), "max_seq_len": 512})
+    again = parse_run_config(plan.config.to_dict(), base_dir=Path("/"))
+    assert again.init_checkpoint == init.resolve() and again.model == plan.config.model
+
+
+def _fields(dc) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(dc, f.name) for f in dataclasses.fields(dc)}

@@ -110,7 +110,7 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     micro_batch_size = llm.take("micro_batch_size", int, 0)
     train_dir = _psyche.data_location(llm, "data_location", base_dir)
     train_pattern = llm.take("train_pattern", str, DataConfig.__dataclass_fields__["train_pattern"].default)
-    _psyche.checkpoint(llm)  # Psyche's initial checkpoint: ours is built from the seed (`testnet init`)
+    init_checkpoint = _psyche.checkpoint(llm, base_dir)  # Psyche's initial checkpoint, when it is a local one
     model = dataclass_from(ModelConfig, llm.section("architecture_config"), _MODEL_FIELDS)
     model = dataclasses.replace(model, max_seq_len=max_seq_len)
     lr = _psyche.lr_schedule(llm)
@@ -136,7 +136,7 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     top.done()
     return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
                      optimizer=opt, sync=sync, micro_batch_size=micro_batch_size, source=source,
-                     notes=_psyche.notes_of(top.notes))
+                     init_checkpoint=init_checkpoint, notes=_psyche.notes_of(top.notes))
 
 
 def _optimizer(llm: Fields) -> tuple[OptimizerConfig, DemoSyncConfig | None]:

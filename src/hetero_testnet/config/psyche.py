@@ -10,8 +10,8 @@ fifteen fields), `Model::LLM` (shared/coordinator/src/model.rs: `max_seq_len`, `
 (shared/core/src/definitions.rs).
 
 Taking effect: run_id, every `[config]` time, size and batch field, max_seq_len, data_type Pretraining,
-architecture HfLlama/HfNanoGPT (both are this model), data_location Local, all four LR schedules, the
-AdamW optimizer and Distro (config/load.py maps it). Accepted with no effect, each named once in the
+architecture HfLlama/HfNanoGPT (both are this model), data_location Local, a checkpoint repo_id that is a
+local checkpoint directory, all four LR schedules, the AdamW optimizer and Distro (config/load.py maps it). Accepted with no effect, each named once in the
 warning `config_warning` words: the fields in `NO_EFFECT` and the variants the readers below note.
 Psyche's deserializer ignores keys it does not know; so, in a `.toml` read in Psyche mode, does this
 tool, naming them in the same warning. In our own YAML such a key stays an error.
@@ -43,7 +43,8 @@ ARCHITECTURES = ("HfLlama", "HfNanoGPT")
 OTHER_ARCHITECTURES = ("HfDeepseek", "Torchtitan")
 REMOTE_DATA = ("Server", "Http", "WeightedHttp", "Preprocessed")
 CHECKPOINT_VARIANTS = ("Dummy", "Hub", "P2P", "Gcs", "P2PGcs", "Ephemeral")
-_CHECKPOINT_WHY = "the initial model comes from the seed; `testnet init` writes it"
+_CHECKPOINT_WHY = "not a local checkpoint directory: the initial model comes from the seed; `testnet init` writes it"
+LOCAL_CHECKPOINT_FILES = ("model.safetensors", "config.json", "state.json")
 
 
 def note_no_effect(section: Fields, name: str) -> None:
@@ -94,17 +95,27 @@ def data_location(llm: Fields, key: str, base_dir: Path) -> Path | None:
     return p if p.is_absolute() else (base_dir / p).resolve()
 
 
-def checkpoint(llm: Fields) -> None:
-    """Psyche's `Checkpoint` (Hub/P2P/Dummy repos, Gcs buckets, Ephemeral): checked, noted, not loaded."""
+def checkpoint(llm: Fields, base_dir: Path) -> Path | None:
+    """Psyche's `Checkpoint` (Hub/P2P/Dummy repos, Gcs buckets, Ephemeral). A repo_id naming a local
+    checkpoint directory of this tool (model.safetensors, config.json, state.json: what `testnet init`,
+    `train` and runs write; relative to the config's folder) takes effect: the run starts from it. Any
+    other value is checked and noted: the initial model then comes from the seed."""
     value = llm.raw.pop("checkpoint", None)
     if value is None:
-        return
+        return None
     kind = value if isinstance(value, str) else (next(iter(value)) if isinstance(value, dict) and len(value) == 1
                                                  else None)
     if kind not in CHECKPOINT_VARIANTS:
         raise ConfigError(f"config field model.LLM.checkpoint must be one of {', '.join(CHECKPOINT_VARIANTS)} "
                           f"(got {value!r})")
+    repo = value[kind].get("repo_id") if isinstance(value, dict) and isinstance(value[kind], dict) else None
+    if isinstance(repo, str) and repo:
+        path = Path(repo).expanduser()
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if all((path / name).is_file() for name in LOCAL_CHECKPOINT_FILES):
+            return path
     llm.notes.no_effect.append(f"model.LLM.checkpoint {kind} ({_CHECKPOINT_WHY})")
+    return None
 
 
 def lr_schedule(llm: Fields) -> LRScheduleConfig:

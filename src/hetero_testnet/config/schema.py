@@ -204,6 +204,9 @@ class RunConfig:
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a client (0 = the whole local batch at once)."""
     source: Path | None = None
+    init_checkpoint: Path | None = None
+    """The checkpoint a new run starts from (Psyche's `model.LLM.checkpoint` repo_id, when it names a local
+    checkpoint directory); None: the model is built from the seed. The plan takes its model shape."""
     notes: tuple[str, ...] = field(default=(), compare=False)
     """Warnings about the file it came from (Psyche fields with no effect here, fields nobody knows):
     `config.psyche.config_warning` words them; the CLI prints them once."""
@@ -247,6 +250,8 @@ class RunConfig:
                                                     for k in LR_SCHEDULE_FIELDS[self.lr_schedule.kind]}},
             "optimizer": {self.optimizer.kind: self._optimizer_fields()},
         }
+        if self.init_checkpoint is not None:
+            llm["checkpoint"] = {"Hub": {"repo_id": str(self.init_checkpoint)}}
         validation = {
             "data_location": {"Local": str(self.data.resolved_val_dir)},
             "pattern": self.data.val_pattern,

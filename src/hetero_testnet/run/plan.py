@@ -257,13 +257,24 @@ def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None,
                     total_steps: int | None) -> tuple[RunConfig, Path | None]:
     """(config, None) of a new run; (its recorded config, its latest checkpoint) of a resumed one."""
     if resume is None:
-        return load_config(config_path, seed=seed, total_steps=total_steps), None
+        cfg = load_config(config_path, seed=seed, total_steps=total_steps)
+        return (cfg, None) if cfg.init_checkpoint is None else _from_init_checkpoint(cfg)
     from hetero_testnet.model.checkpoint import latest_checkpoint
 
     if not RunDir(resume).config.is_file():
         raise ConfigError(f"--resume {resume} is not a run directory (no config.yaml)")
     checkpoint = latest_checkpoint(resume)
     return load_config(RunDir(resume).config, total_steps=total_steps), checkpoint
+
+
+def _from_init_checkpoint(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """A new run from the config's initial checkpoint (Psyche's `checkpoint` repo_id): Psyche takes the
+    model's shape from the checkpoint, so does this (the config's max_seq_len is kept)."""
+    from hetero_testnet.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    model = dataclasses.replace(ckpt.model_config, max_seq_len=cfg.model.max_seq_len)
+    return cfg.replace(model=model), cfg.init_checkpoint
 
 
 def _client_specs(cfg: RunConfig, num_clients: int, tiers: Sequence[int], fractions: Sequence[float],
