@@ -104,3 +104,38 @@ def test_report_notes_are_statements_and_defaults_are_the_reports(tmp_path):
     assert load_report_notes(tmp_path / "exp.yaml") == spec.report.notes
     assert load_report_notes(tmp_path / "missing.yaml") == ()
     assert load_experiment(_write(tmp_path, GOOD)).report.notes == ()
+
+
+def test_global_batch_order_and_analysis(tmp_path):
+    text = GOOD.replace("  - {label: a, tiers: [0, 0]}", "  - {label: a, tiers: [0, 0], global_batch: 5}").replace(
+        "seeds: [7]", "seeds: [1]") + \
+        "order: seed\nanalysis:\n  delta: 0.02\n  comparisons: [{name: a-b, a: a, b: b}]\n" \
+        "  verdicts: [{verdict: v, any: [a-b worse]}]\n"
+    spec = load_experiment(_write(tmp_path, text))
+    runs = expand(spec)
+    assert spec.order == "seed" and [r.name for r in runs] == ["a-seed1", "b-seed1", "a-seed2"]
+    a = next(r for r in runs if r.label == "a")
+    assert a.global_batch == 5 and a.to_dict()["global_batch"] == 5
+    b = next(r for r in runs if r.label == "b")
+    assert "global_batch" not in b.to_dict()            # identities recorded before the field still match
+    assert spec.analysis.comparisons[0].a == "a" and spec.analysis.metric == "val_loss_tier0"
+    from hetero_testnet.experiments.spec import with_global_batch
+    cfg = with_global_batch(build_derived_config(spec), 5)
+    assert (cfg.timing.global_batch_size_start, cfg.timing.global_batch_size_end) == (5, 5)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("order: random\n", "order must be configuration or seed"),
+    ("analysis:\n  delta: 0.02\n  comparisons: [{name: x, a: a, b: zz}]\n  verdicts: [{verdict: v, any: [x worse]}]\n",
+     "analysis.comparisons[0]: 'zz' is not a configuration label"),
+])
+def test_bad_order_and_analysis_are_one_line(tmp_path, extra, needle):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_write(tmp_path, GOOD + extra))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_global_batch_below_the_client_count_is_an_error(tmp_path):
+    text = GOOD.replace("  - {label: a, tiers: [0, 0]}", "  - {label: a, tiers: [0, 0], global_batch: 1}")
+    with pytest.raises(ConfigError, match="global_batch must be >= the number of clients"):
+        load_experiment(_write(tmp_path, text))

@@ -355,3 +355,30 @@ def test_the_runner_writes_the_files_the_report_reads():
 
     assert (runner.MANIFEST_FILE, runner.RUNS_LOG_FILE, runner.RUN_SPEC_FILE) == \
         (spec.MANIFEST_FILE, spec.RUNS_LOG_FILE, spec.RUN_SPEC_FILE)
+
+
+def test_json_significance_is_the_holm_decision_and_references_are_reported(experiment: Path, tmp_path: Path):
+    from hetero_testnet.config import dump_yaml, load_run_config
+    from hetero_testnet.experiments.export import to_json
+    from hetero_testnet.experiments.stats import ALPHA
+
+    rep = build_report(experiment)
+    assert not rep.references.available and "experiment-config.yaml" in rep.references.reason
+    data = to_json(rep)
+    for c in data["comparisons"] + data["paired_comparisons"]:
+        assert c["role"] == "exploratory"
+        assert c["significant"] == (None if c.get("p_welch", c.get("p")) is None else
+                                    (c["p_holm"] is not None and c["p_holm"] < ALPHA))
+    assert data["analysis"] is None and "exploratory" in data["settings"]["analysis"]
+
+    cfg = load_run_config(ROOT / "configs" / "tiny")            # the derived config the runner writes
+    (experiment / "experiment-config.yaml").write_text(dump_yaml(cfg.to_dict()))
+    rep = build_report(experiment)
+    refs = rep.references
+    assert refs.available and refs.val_targets == cfg.data.val_samples * cfg.model.max_seq_len
+    assert refs.bigram < refs.unigram < refs.untrained and refs.untrained_seed == 1
+    from hetero_testnet.experiments.render import render_markdown
+    md = render_markdown(rep, [])
+    assert "## Reference lines (the same validation tokens)" in md and f"{refs.unigram:.4f}" in md
+    assert "at unigram level" in md or "above the unigram line" in md or "the bigram line" in md
+    assert to_json(rep)["references"]["bigram"] == refs.bigram

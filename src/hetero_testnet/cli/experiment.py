@@ -142,8 +142,12 @@ def report_cmd(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Configuration label differences are "
                                                     "taken against (default: the experiment's, else the "
                                                     "first).")] = None,
+    references: Annotated[bool, typer.Option("--references/--no-references", help="Compute the reference lines "
+                                             "(unigram, bigram, untrained model) from the runs' config and data.")]
+        = True,
 ) -> None:
-    """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff)."""
+    """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff, and
+    primary_diff for a pre-registered analysis)."""
     from hetero_testnet.experiments.report import build_report
     from hetero_testnet.experiments.export import write_report
 
@@ -152,7 +156,8 @@ def report_cmd(
     if grad_norm_threshold is not None and grad_norm_threshold <= 0:
         raise ConfigError(f"--grad-norm-threshold must be > 0 (got {grad_norm_threshold:g})")
     console = Console(highlight=False)
-    rep = build_report(directory, last_k=last_k, grad_norm_threshold=grad_norm_threshold, baseline=baseline)
+    rep = build_report(directory, last_k=last_k, grad_norm_threshold=grad_norm_threshold, baseline=baseline,
+                       references=references)
     paths = write_report(rep, out or directory)
     _render_headline(console, rep)
     console.print("wrote " + ", ".join(str(p) for p in paths))
@@ -194,6 +199,12 @@ def _render_headline(console: Console, rep) -> None:
                       fmt(cp.diff, signed=True) if cp else "—", fmt_p(cp.p) if cp else "—",
                       fmt_p(rep.holm("val_loss_tier0", c.label)) if cp else "—")
     console.print(table)
+    refs = rep.references
+    if refs.available:
+        console.print("reference lines (same validation tokens): " + ", ".join(f"{label} {v:.4f}"
+                                                                              for label, v in refs.lines()))
+    if rep.analysis is not None:
+        console.print(f"pre-registered verdict: {rep.analysis.verdict} ({rep.analysis.verdict_reason})")
 
 
 def _report_after_run(console: Console, experiment_dir: Path) -> None:

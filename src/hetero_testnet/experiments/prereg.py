@@ -92,6 +92,8 @@ class Analysis:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["comparisons"] = [asdict(c) for c in self.comparisons]
+        d["checks"] = [asdict(c) for c in self.checks]
         d["verdicts"] = [{"verdict": r.verdict, "all": [str(c) for c in r.all], "any": [str(c) for c in r.any]}
                          for r in self.verdicts]
         return d

@@ -14,8 +14,8 @@ runs were scored on (the first `validation.num_samples` samples of the validatio
 
 The config is the experiment's derived config (`experiment-config.yaml`). If its data directory is
 gone (a results copy outlives the checkout that ran it), the bundled dataset of the same folder name
-(`data/sample`, `data/pd8k`) is used and the report says so. Values are rounded to 1e-6 so that a
-report regenerates byte for byte (the untrained loss is a float32 forward pass).
+(`data/sample`, `data/pd8k`) is used and the report says so. Values are rounded (1e-6; the untrained loss, a
+float32 forward pass, to 1e-4) so that a report regenerates byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from hetero_testnet.errors import HeteroTestnetError
 
 BUNDLED_DATA_DIR = Path(data_package.__file__).resolve().parent
 DIGITS = 6
+UNTRAINED_DIGITS = 4
+"""The untrained loss is a float32 forward pass whose last bits may follow the thread count."""
 EVAL_BATCH = 8
 
 
@@ -92,10 +94,18 @@ def compute_references(cfg: RunConfig, seed: int | None, *, untrained: bool = Tr
     ref = ngram_reference(train.shards.read(0, train.num_tokens), val.batch(0, samples).numpy(), m.vocab_size)
     loss0 = _untrained_loss(cfg, val, seed) if untrained and seed is not None else None
     return References(unigram=round(ref.unigram_loss, DIGITS), bigram=round(ref.bigram_loss, DIGITS),
-                      untrained=None if loss0 is None else round(loss0, DIGITS),
+                      untrained=None if loss0 is None else round(loss0, UNTRAINED_DIGITS),
                       untrained_seed=seed if loss0 is not None else None, unigram_k=round(ref.unigram_k, DIGITS),
                       bigram_lambda=ref.bigram_lambda, train_tokens=ref.train_tokens, val_targets=ref.targets,
-                      data_dir=str(cfg.data.train_dir), note=note)
+                      data_dir=_shown(cfg.data.train_dir), note=note)
+
+
+def _shown(directory: Path) -> str:
+    """A bundled dataset as `data/<name>` (the same in every checkout), any other directory as is."""
+    try:
+        return f"data/{Path(directory).resolve().relative_to(BUNDLED_DATA_DIR)}"
+    except ValueError:
+        return str(directory)
 
 
 def _untrained_loss(cfg: RunConfig, val: Any, seed: int) -> float:
