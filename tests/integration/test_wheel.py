@@ -32,6 +32,12 @@ BUNDLED = [
     "hetero_testnet/data/sample/manifest.json",
     "hetero_testnet/data/sample/sample_train_000000.bin",
     "hetero_testnet/data/sample/sample_val_000000.bin",
+    "hetero_testnet/configs/small/config.yaml",
+    "hetero_testnet/configs/experiments/weak-clients.yaml",
+    "hetero_testnet/data/pd8k/manifest.json",
+    "hetero_testnet/data/pd8k/tokenizer.json",
+    "hetero_testnet/data/pd8k/pd8k_train_000000.bin.xz",
+    "hetero_testnet/data/pd8k/pd8k_val_000000.bin.xz",
 ]
 
 
