@@ -159,3 +159,16 @@ def test_bad_export_input_is_one_line_and_exit_2(exports, tmp_path):
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _testnet("export", "--checkpoint", str(tmp_path / "missing"), "--tier", "0", "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_a_run_directory_exports_its_latest_checkpoint(exports, tmp_path):
+    import shutil
+
+    checkpoint, outs = exports
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "checkpoint")
+    (run / "events.jsonl").write_text("")
+    r = _testnet("export", "--checkpoint", str(run), "--tier", "1", "--out", str(tmp_path / "t1"),
+                 "--config", str(TINY), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t1" / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()

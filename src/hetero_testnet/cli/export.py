@@ -17,7 +17,7 @@ from hetero_testnet.cli.single import ThreadsOption, _kv, _set_threads, tier_val
 
 def export(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory (from init, train or a run: "
-                                             "logs/<name>/checkpoint).")],
+                                             "logs/<name>/checkpoint), or a run directory (its latest).")],
     tier: Annotated[int, typer.Option(help="MatFormer tier to take out: the FFN keeps its first "
                                       "intermediate_size >> tier neurons.")],
     out: Annotated[Path, typer.Option(help="Directory to write (replaced if it exists).")],
@@ -44,6 +44,10 @@ def export(
         raise ConfigError(f"--helpers must be one of {', '.join(HELPER_CHOICES)} (got {helpers!r})",
                           hint="a tier submodel is its prefix neurons alone")
     _set_threads(threads)
+    if not (checkpoint / "config.json").is_file() and (checkpoint / "events.jsonl").is_file():
+        from hetero_testnet.model.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(checkpoint)  # a run directory: its latest checkpoint
     ckpt = load_checkpoint(checkpoint)
     t0 = time.perf_counter()
     val, width, n = tier_val_loss(ckpt, tier, config, num_samples, batch_size)

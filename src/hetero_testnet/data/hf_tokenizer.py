@@ -91,12 +91,18 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dic
     }
 
 
-def write_hf_tokenizer(directory: Path, *, model_max_length: int) -> list[Path]:
-    """Write the Hugging Face tokenizer files of the shipped GPT-2 tokenizer into `directory`."""
+@functools.cache
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level vocabulary (with `<|endoftext|>`) and merges of the shipped ranks, once per process."""
     ranks = load_ranks()
     vocab = {_unicode(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
     vocab[EOT_TEXT] = EOT
-    merges = bpe_merges(ranks)
+    return vocab, bpe_merges(ranks)
+
+
+def write_hf_tokenizer(directory: Path, *, model_max_length: int) -> list[Path]:
+    """Write the Hugging Face tokenizer files of the shipped GPT-2 tokenizer into `directory`."""
+    vocab, merges = _vocab_and_merges()
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, **special,
