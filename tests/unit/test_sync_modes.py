@@ -42,7 +42,8 @@ def _cfg(tiny_config: RunConfig, sync: SyncConfig, *, kind: str = "AdamW", wd: f
 
 
 def _tokens(seed: int, rows: int) -> torch.Tensor:
-    return torch.randint(0, SMALL.vocab_size, (rows, SMALL.max_seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SMALL.vocab_size, (rows, SMALL.max_seq_len + 1), generator=gen)
 
 
 def _samples(start: int, count: int) -> torch.Tensor:

@@ -120,8 +120,8 @@ class DemoStepper(Stepper):
         ok = ok and all(bool(torch.isfinite(u).all()) for u in decoded.updates.values())
         self.pending = decoded
         moved = self.sync.payload_bytes_sent(encoded.payload)
-        return RoundResult(loss=loss, tokens=tokens, sequences=0 if batch.tokens is None else int(batch.tokens.shape[0]),
-                           helper_neurons=batch.neurons.num_helpers,
+        sequences = 0 if batch.tokens is None else int(batch.tokens.shape[0])
+        return RoundResult(loss=loss, tokens=tokens, sequences=sequences, helper_neurons=batch.neurons.num_helpers,
                            grad_norm=local.grad_norm if ok else float("nan"), compute_time_s=t1 - t0,
                            exchange_time_s=time.perf_counter() - t1, bytes_sent=moved, bytes_received=moved)
 

@@ -7,11 +7,12 @@ optimizer state, what is exchanged, how the update is applied, what a discard mu
 joiner receives by broadcast. The client process (`run/client.py`) drives a stepper and never
 branches on the mode.
 
-| mode | `run_round` | `commit(lr)` | `discard` | broadcast to a joiner |
-|---|---|---|---|---|
-| allreduce, none | forward/backward, `MaskedGradientReducer.reduce` | optimizer step | nothing to undo | params + optimizer state |
-| demo (`demo_stepper.py`) | local clip, momentum, encode, all_gather, decode | sign-SGD | restore the momentum | params (momentum starts at 0) |
-| diloco (`diloco_stepper.py`) | H inner steps, pseudo-gradient all-reduce | Nesterov outer step | keep the local progress | theta_global + outer momentum |
+- allreduce, none: forward/backward, `MaskedGradientReducer.reduce`; commit = the optimizer step;
+  nothing to undo on a discard; a joiner gets the parameters and the optimizer state.
+- demo (`demo_stepper.py`): local clip, momentum, encode, all_gather, decode; commit = sign-SGD; a
+  discard restores the momentum; a joiner gets the parameters (its momentum starts at zero).
+- diloco (`diloco_stepper.py`): H inner steps, the pseudo-gradient all-reduce; commit = the Nesterov
+  outer step; a discard keeps the local progress; a joiner gets theta_global and the outer momentum.
 
 Vocabulary: a round has one or more *inner steps* (1 except under diloco), each an `InnerBatch` at
 schedule position `step` (its LR is `lr_at(step)`); a `RangeWork` is the inner steps of one

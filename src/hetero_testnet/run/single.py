@@ -29,7 +29,7 @@ from hetero_testnet.exchange.strategies import SingleProcess
 from hetero_testnet.model.checkpoint import save_checkpoint
 from hetero_testnet.model.matformer import NeuronSet, build_neuron_masks, build_neuron_set, ffn_width
 from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters
-from hetero_testnet.model.optim import MaskedAdamW, lr_at
+from hetero_testnet.model.optim import MaskedAdamW, MaskedSGD, build_optimizer, lr_at
 from hetero_testnet.model.train import Samples, evaluate, forward_backward
 
 
@@ -62,7 +62,7 @@ def _splits(config: RunConfig, train_data: Samples | None, val_data: Samples | N
     return train_data, val_data
 
 
-def _train_step(model: NanoGPT, optimizer: MaskedAdamW, reducer: MaskedGradientReducer, config: RunConfig,
+def _train_step(model: NanoGPT, optimizer: MaskedAdamW | MaskedSGD, reducer: MaskedGradientReducer, config: RunConfig,
                 tokens: torch.Tensor, neurons: NeuronSet, step: int) -> tuple[float, int, float]:
     """forward/backward, reduce (world size 1: norm, clip, masks), AdamW at `lr_at(step)`.
 
@@ -113,7 +113,7 @@ def train_single(config: RunConfig, tier: int, helper_fraction: float, rotation_
     train_data, val_data = _splits(config, train_data, val_data)
     t_start = time.perf_counter()
     model = build_model(m, seed)
-    optimizer = MaskedAdamW(list(model.named_parameters()), config.optimizer)
+    optimizer = build_optimizer(list(model.named_parameters()), config.optimizer)  # AdamW, or SGD if configured
     reducer = _single_process_reducer(model, config)
     eval_neurons = NeuronSet(prefix_width=width)
     val_samples = config.data.val_samples
