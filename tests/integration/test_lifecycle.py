@@ -154,3 +154,26 @@ def test_ctrl_c_interrupts_cleanly(logs_dir):
     assert s["status"] == "interrupted" and 2 <= s["steps_completed"] < 200
     assert (run / "checkpoint").exists() is False or s["checkpoint"] is None
     assert_no_orphans(run)
+
+
+def test_sigterm_stops_a_run_started_with_sigint_ignored(logs_dir):
+    # A script's `testnet start &` (no job control), nohup, some CI runners: SIGINT is ignored, so
+    # SIGTERM is how the run is stopped, cleanly (summary, client exit codes, nothing left).
+    proc = subprocess.Popen(cli_cmd("start", "--headless", "--config-path", str(TINY), "--server-port", "0",
+                                    "--logs-dir", str(logs_dir), "--name", "term", "--num-clients", "2",
+                                    "--total-steps", "400"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    run = logs_dir / "term"
+    try:
+        wait_for_step(run, 2)
+        proc.send_signal(signal.SIGINT)  # ignored, as the shell arranged
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    s = summary(run)
+    assert s["status"] == "interrupted" and "SIGTERM" in s["reason"] and 2 <= s["steps_completed"] < 400
+    assert all(c["exit_code"] is not None for c in s["clients"].values())
+    assert_no_orphans(run)

@@ -2,9 +2,10 @@
 
 Each client runs in a namespace `<prefix>-k` with address 10.213.k.2, reaching the coordinator
 (bound to 10.213.1.1 in the root namespace, which routes between the veths) only over the
-network. Where the kernel has the netem qdisc, each client's link also gets `tc netem delay`, and
-the exchange times must grow by it; elsewhere the topology still runs (and says so). Needs root
-and iproute2; skipped otherwise. Only addresses of these namespaces are used.
+network. Where the kernel has the netem qdisc, each client's link also gets `tc netem delay` and
+`loss` (real packet loss), and the exchange times must grow by the delay; elsewhere the topology
+still runs, with the exchange's emulated loss (`--fault-packet-loss`) instead, and says so. Needs
+root and iproute2; skipped otherwise. Only addresses of these namespaces are used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from testnet_helpers import ROOT, TINY, events
 pytestmark = pytest.mark.slow
 
 NETEM_DELAY_MS = 40
+PACKET_LOSS = 0.01
 
 
 def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -63,7 +65,7 @@ def two_hosts():
             _sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", f"10.213.{k}.1")
             if netem:
                 r = _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_if, "root", "netem", "delay",
-                        f"{NETEM_DELAY_MS}ms", check=False)
+                        f"{NETEM_DELAY_MS}ms", "loss", f"{PACKET_LOSS * 100:g}%", check=False)
                 netem = r.returncode == 0
         yield names, [f"vn{tag}{k}" for k in (1, 2)], netem
     finally:
@@ -83,7 +85,8 @@ def test_clients_in_their_own_namespaces_train_one_model(two_hosts, tmp_path):
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "hetero_testnet", "coordinator", "--config-path", str(TINY), "--run-dir",
          str(run_dir), "--bind", "10.213.1.1", "--server-port", "0", "--expect-clients", "2",
-         "--total-steps", "6", "--token-file", str(token_file)],
+         "--total-steps", "6", "--token-file", str(token_file),
+         *([] if netem else ["--fault-packet-loss", str(PACKET_LOSS)])],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     clients = []
     try:
@@ -96,9 +99,9 @@ def test_clients_in_their_own_namespaces_train_one_model(two_hosts, tmp_path):
         port = json.loads(ready.read_text())["port"]
         for k, (ns, iface) in enumerate(zip(namespaces, interfaces), start=1):
             clients.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={iface}", sys.executable, "-m",
-                 "hetero_testnet", "client", "--coordinator", f"10.213.1.1:{port}", "--client-id", str(k),
-                 "--tier", str(k - 1), "--token-file", str(token_file)],
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "hetero_testnet", "client", "--coordinator",
+                 f"10.213.1.1:{port}", "--client-id", str(k), "--tier", str(k - 1), "--token-file", str(token_file),
+                 "--gloo-ifname", iface],
                 cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
         coordinator.wait(timeout=180)
         outs = [c.communicate(timeout=60)[1] for c in clients]
@@ -117,4 +120,5 @@ def test_clients_in_their_own_namespaces_train_one_model(two_hosts, tmp_path):
         # an all-reduce crosses each delayed link at least once each way
         assert exchange >= 2 * NETEM_DELAY_MS / 1000
     else:
-        print("netem qdisc unavailable in this kernel: ran the namespace topology without injected delay")
+        print("netem qdisc unavailable in this kernel: ran the namespace topology without injected delay, "
+              f"with the exchange's emulated packet loss ({PACKET_LOSS:g})")

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -166,7 +167,14 @@ def _run(plan, *, dashboard: bool) -> int:
 
     print(f"run {plan.run_dir.name}: {len(plan.clients)} clients, tiers {','.join(str(s.tier) for s in plan.clients)}, "
           f"{plan.config.timing.total_steps} steps, logs in {plan.run_dir}/", flush=True)
-    return Launcher(plan, on_event=HeadlessProgress()).run()
+    launcher = Launcher(plan, on_event=HeadlessProgress())
+    # SIGTERM stops the run cleanly, as Ctrl-C does (and as the dashboard does): the one way to stop a
+    # run started where SIGINT is ignored (a background job of a script, nohup, some CI runners).
+    previous = signal.signal(signal.SIGTERM, lambda _s, _f: launcher.request_stop("SIGTERM received"))
+    try:
+        return launcher.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def coordinator(

@@ -21,6 +21,7 @@ Failure semantics of `Formation`:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 import time
@@ -52,12 +53,27 @@ def on_host(tensor: torch.Tensor, backend: str) -> torch.Tensor:
     return tensor.cpu() if stages_through_host(backend, tensor.device.type) else tensor
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def new_backend_group(backend: str, store: dist.Store, rank: int, world_size: int,
-                      timeout: timedelta) -> dist.ProcessGroup:
+                      timeout: timedelta, *, loopback: bool = False) -> dist.ProcessGroup:
     """A process group object of `backend` on `store`, outside torch's global default group (so
     that several can exist, and one being built can be abandoned). Gloo reads GLOO_SOCKET_IFNAME
-    here, as `init_process_group` does."""
+    here, as `init_process_group` does; without it, `loopback` (the store is on a loopback address,
+    so every peer is on this machine) keeps gloo's sockets on 127.0.0.1 too, instead of the address
+    the hostname resolves to."""
     if backend == "gloo":
+        if loopback and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            options._threads = 2  # what the plain constructor gives one device
+            return dist.ProcessGroupGloo(store, rank, world_size, options)
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":  # not exercised on this project's CPU machines
         options = dist.ProcessGroupNCCL.Options()
@@ -98,7 +114,7 @@ class Formation:
             store = dist.TCPStore(host, port, is_master=False, timeout=timeout, use_libuv=True)
             self._hook("forming")
             group = new_backend_group(backend, dist.PrefixStore(f"gen/{self.generation}/", store), self.rank,
-                                      self.world_size, timeout)
+                                      self.world_size, timeout, loopback=is_loopback(host))
             t1 = time.perf_counter()
             if self.broadcast is not None and self.world_size > 1:
                 self._hook("broadcast")
