@@ -19,7 +19,7 @@ the slow-link runs are shorter (`--link-steps`, default 2; DiLoCo one round), si
 time is read. The first round of a run is not timed when it has more. Estimated for the 20M config
 on 2 shared cores (its allreduce step is ~9 s there, a DeMo step ~20 s with encode and decode on one
 thread, ~40 s start-up and cooldown per run): about 20-25 minutes; not measured, it is too heavy for
-a shared machine. `--config tiny` took 10 minutes on 2 cores shared with other jobs.
+a shared machine. `--config tiny` took about 7 minutes on 2 cores shared with other jobs.
 A few steps cannot show loss parity or its absence: the val loss column is a sanity check (nothing
 diverged), not a comparison. These machines are shared and noisy: compare only numbers from one run.
 """
