@@ -95,12 +95,13 @@ def analyse(run_dir: Path) -> dict:
     for k in (e for e in events if e["event"] == "fault_kill"):
         if not any(c == k["client_id"] and 0 <= ts - k["ts"] < 2.0 for ts, c in lost):
             continue  # the victim was still starting (never a member): nothing to recover from
-        member_kills += 1
-        nxt = next((c["ts"] for c in commits if c["ts"] > k["ts"]), None)
+        member_kills += 1  # time to the first commit of a group without the victim
+        nxt = next((c["ts"] for c in commits if c["ts"] > k["ts"] and k["client_id"] not in c["members"]), None)
         if nxt is not None:
             to_commit.append(nxt - k["ts"])
     hook = sum(1 for e in events if e["event"] == "client_exited" and e.get("exit_code") == 76)
-    hook_to_commit = [next((c["ts"] for c in commits if c["ts"] > e["ts"]), e["ts"]) - e["ts"] for e in events
+    hook_to_commit = [next((c["ts"] for c in commits if c["ts"] > e["ts"] and e["client_id"] not in c["members"]),
+                           e["ts"]) - e["ts"] for e in events
                       if e["event"] == "client_exited" and e.get("exit_code") == 76]
     lin = lineage(events)
     steps = summary.get("steps_completed") or 0

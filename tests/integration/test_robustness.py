@@ -27,7 +27,7 @@ from testnet_helpers import (assert_no_orphans, events, live_testnet, run_start,
 
 pytestmark = pytest.mark.slow
 
-STEPS = 80
+STEPS = 60
 TIERS = ("--num-clients", "3", "--tiers", "0,1,1", "--total-steps", str(STEPS))
 HOSTILE_S = 20.0
 
@@ -100,6 +100,8 @@ def calm(tmp_path_factory):
         seen: set[str] = set()
         while attacker.is_alive():  # sample the run's listening sockets while it trains
             seen |= listening_addresses([proc.pid, *started_pids(run)])
+            if proc.poll() is not None:
+                stop.set()  # the run is over: attacking a closed port proves nothing
             attacker.join(0.5)
         out, err = proc.communicate(timeout=240)
     return proc.returncode, err, run, seen, result
@@ -112,7 +114,7 @@ def test_a_run_beside_20_s_of_hostile_traffic_finishes_with_identical_replicas(c
     assert s["status"] == "finished" and s["steps_completed"] == STEPS and s["replicas_identical"]
     assert audit(read_events(run / "events.jsonl"), STEPS) == []
     assert s["discarded_steps"] == 0 and s["clients_lost"] == 0  # the members never noticed
-    assert sum(sent.values()) > 150 and all(sent.values()), sent
+    assert sum(sent.values()) > 100 and all(sent.values()), sent
     kinds = {e["event"] for e in events(run)}
     assert {"protocol_error", "connection_dropped", "client_rejected"} <= kinds
     assert "guess" not in (run / "coordinator.log").read_text()

@@ -176,19 +176,21 @@ def test_death_hooks_parse_and_stay_quiet_for_other_clients_and_points():
     assert DeathHooks.from_env({}).plan == {}
 
 
-def test_abandoned_formations_report_how_long_the_oldest_is_stuck():
+def test_abandoned_formations_report_how_far_the_worst_is_past_its_deadline():
     class Stuck:
         def __init__(self, started: float) -> None:
             self.started, self.done, self.abandoned, self.group = started, threading.Event(), False, None
+            self.timeout_s = 6.0
 
         def abandon(self) -> None:
             self.abandoned = True
 
     abandoned = AbandonedFormations()
     now = time.monotonic()
-    old, young = Stuck(now - 70), Stuck(now - 1)
+    assert abandoned.overdue_s(now) == float("-inf")
+    old, young = Stuck(now - 100), Stuck(now - 1)
     abandoned.add(old)
     abandoned.add(young)
-    assert old.abandoned and len(abandoned) == 2 and abandoned.stuck_for_s(now) == pytest.approx(70)
+    assert old.abandoned and len(abandoned) == 2 and abandoned.overdue_s(now) == pytest.approx(100 - 60 - 30)
     old.done.set()
-    assert abandoned.stuck_for_s(now) == pytest.approx(1) and len(abandoned) == 1
+    assert abandoned.overdue_s(now) == pytest.approx(1 - 90) and len(abandoned) == 1

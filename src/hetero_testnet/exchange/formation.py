@@ -15,8 +15,9 @@ Failure semantics of `Formation`:
 - `error` is set (and `group` is None) when forming or the broadcast raised, e.g. at the timeout;
 - `done` is never set while the thread is stuck; the caller decides when to stop waiting
   (`GradientExchange.adopt` takes only a finished, successful formation);
-- `abandoned_alive(now)` lists how long each abandoned thread has been stuck, for the client's
-  crash-only watchdog (a client with a thread stuck past a hard deadline exits and is restarted).
+- `AbandonedFormations.overdue_s` says how far the worst abandoned thread is past its hard deadline
+  (`WEDGE_FACTOR` x its timeout + `WEDGE_GRACE_S`: wedges were measured at ~5x), for the client's
+  crash-only watchdog (a client with a thread stuck past it exits and is restarted).
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ class Formation:
         self.group = None
 
 
+WEDGE_FACTOR = 10.0
+WEDGE_GRACE_S = 30.0
+
+
 class AbandonedFormations:
     """The abandoned attempts whose threads are still running (they end by themselves, or not)."""
 
@@ -155,12 +160,14 @@ class AbandonedFormations:
         with self._lock:
             self._items.append(formation)
 
-    def stuck_for_s(self, now: float | None = None) -> float:
-        """How long the oldest still-running abandoned formation has run (0 when none is left)."""
+    def overdue_s(self, now: float | None = None) -> float:
+        """How far the worst still-running abandoned formation is past its hard deadline, started +
+        WEDGE_FACTOR x timeout + WEDGE_GRACE_S (<= 0: none is; -inf when none is left)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._items = [f for f in self._items if not f.done.is_set()]
-            return max((now - f.started for f in self._items), default=0.0)
+            return max((now - f.started - WEDGE_FACTOR * f.timeout_s - WEDGE_GRACE_S for f in self._items),
+                       default=float("-inf"))
 
     def __len__(self) -> int:
         with self._lock:

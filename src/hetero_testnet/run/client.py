@@ -25,8 +25,8 @@ drops the client) or at its timeout (then `RoundFailed`); a `Discard` instead of
 round before any collective. A `Dropped` message (it missed a deadline, e.g. it was stopped) makes it
 reconnect and rejoin; its state is refreshed by broadcast. A silent or vanished coordinator
 (no message, not even a ping, within `coordinator_timeout_s`) ends the client with exit code 1;
-a formation thread stuck past `client_waits.STUCK_EXIT_S` ends it with `EXIT_STUCK` (75, the
-launcher restarts it). `Generation.restore` makes it load a recovery checkpoint first.
+a formation thread stuck past its hard deadline (`client_waits.StuckWatchdog`) ends it with
+`EXIT_STUCK` (75, the launcher restarts it). `Generation.restore` makes it load a recovery checkpoint first.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ class Client:
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
             self.setup(welcome)  # building the model can take seconds: heartbeats already flow
+            self.conn.send(P.Ready())  # now it can form a group at once
             return self._loop()
         finally:
             self._stopping.set()
@@ -211,6 +212,7 @@ class Client:
         self._close()
         self.welcome = welcome = self.connect()
         self.stepper.sync.faults = NetworkFaults.from_wire(welcome.fault)
+        self.conn.send(P.Ready())
 
     def _close(self) -> None:
         """Leave the process group and the coordinator connection (both safe to repeat)."""

@@ -13,7 +13,8 @@ Failure semantics:
   steppers treat it as a failed exchange and undo what they must) carrying the message that came
   instead (usually `Discard`); `PeerLostError` when the coordinator is silent past its timeout;
 - `StuckWatchdog` ends the process with `EXIT_STUCK` (crash-only: the launcher restarts it) when
-  an abandoned formation thread is still running `STUCK_EXIT_S` after it started: a wedged gloo
+  an abandoned formation thread is still running past its hard deadline (10x its timeout + 30 s,
+  `formation.AbandonedFormations.overdue_s`; wedges end by themselves after ~5x): a wedged gloo
   thread is not worth keeping, a fresh process is clean.
 """
 
@@ -38,8 +39,6 @@ log = logging.getLogger("hetero_testnet")
 
 EXIT_STUCK = 75
 """Exit code (EX_TEMPFAIL) of a client that gave up on itself; the launcher restarts it."""
-STUCK_EXIT_S = 60.0
-"""An abandoned formation thread still running this long after it started ends the client."""
 POLL_S = 0.02
 """How often a wait looks at the control connection while something else runs."""
 
@@ -119,14 +118,13 @@ class BackgroundSaver:
 class StuckWatchdog:
     """Crash-only last resort, checked from the heartbeat thread (module docstring)."""
 
-    def __init__(self, abandoned: AbandonedFormations, limit_s: float = STUCK_EXIT_S) -> None:
+    def __init__(self, abandoned: AbandonedFormations) -> None:
         self.abandoned = abandoned
-        self.limit_s = limit_s
 
     def check(self) -> None:
-        stuck = self.abandoned.stuck_for_s()
-        if stuck > self.limit_s:
-            log.error("an abandoned process-group formation is still stuck after %.0f s; exiting with code %d "
-                      "to be restarted", stuck, EXIT_STUCK)
+        overdue = self.abandoned.overdue_s()
+        if overdue > 0:
+            log.error("an abandoned process-group formation is stuck %.0f s past its hard deadline; exiting "
+                      "with code %d to be restarted", overdue, EXIT_STUCK)
             logging.shutdown()
             os._exit(EXIT_STUCK)

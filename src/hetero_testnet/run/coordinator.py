@@ -91,7 +91,6 @@ class Coordinator:
         self.recovery = Recovery(self.files, options.auto_checkpoint_every, RecoveryPoint(
             options.start_step, str(options.resume_checkpoint or "initial"), options.start_data_index,
             self.totals.tokens_seen, 0))
-        self.formed: set[tuple[int, int]] = set()  # (client id, incarnation) of members that formed a group
         self.round_plan: Any = None
         self.paused = False
         self.store: Any = None
@@ -146,7 +145,7 @@ class Coordinator:
         self.set_state(RunState.WARMUP)
         step = self.totals.step  # no step is committed while a group forms
         while True:
-            members = sorted(self.alive_members(), key=lambda m: m.client_id)
+            members = sorted(self.membership.ready(), key=lambda m: m.client_id)
             if len(members) < self.min_clients:
                 await self.wait_for_members()
                 continue
@@ -167,7 +166,6 @@ class Coordinator:
                 raise RunAborted(f"replicas differ after forming generation {self.totals.generation}: {sums}")
             for m in members:
                 m.state_step = step
-                self.formed.add((m.client_id, m.incarnation))
             return
 
     def _announce_generation(self, members: list[Member]) -> float:
@@ -180,9 +178,7 @@ class Coordinator:
         restore = None if holders else self._rewind()
         step = self.totals.step
         source = holders[0] if holders and len(holders) < len(members) else None
-        # A member that never formed a group may still be building its model: give it the warmup time.
-        settled = all((m.client_id, m.incarnation) in self.formed for m in members)
-        timeout_s = FORM_TIMEOUT_S if settled else max(FORM_TIMEOUT_S, self.timing.warmup_time)
+        timeout_s = FORM_TIMEOUT_S  # every member is set up (`Ready`): it starts forming at once
         for rank, m in enumerate(members):
             m.in_generation = True
             m.send(P.Generation(generation=self.totals.generation, rank=rank, world_size=len(members), members=ids,
@@ -378,8 +374,8 @@ class Coordinator:
         self.set_state(previous)
 
     def _membership_changed(self) -> bool:
-        alive = sorted(m.client_id for m in self.alive_members())
-        return alive != sorted(self.generation_members)
+        ready = sorted(m.client_id for m in self.membership.ready())
+        return ready != sorted(self.generation_members)
 
     def _after_commit(self) -> None:
         step = self.totals.step

@@ -164,6 +164,8 @@ class Inbox:
                 continue
             if not member.alive:
                 continue
+            if isinstance(message, P.Ready):
+                member.ready = True
             if message is not _JOINED:
                 self.records.record(member, message)
             return member, message
@@ -179,7 +181,7 @@ class Inbox:
         deadline = time.monotonic() + timeout_s
         enough_since: float | None = None
         while True:
-            alive = len(self.membership.alive())
+            alive = len(self.membership.ready())
             if alive >= max(need, expected) and (expected or not first):
                 return
             if alive >= need:
@@ -191,7 +193,7 @@ class Inbox:
             wait_until = min(deadline, (enough_since + extra_time_s) if enough_since else deadline)
             item = await self.next_message(wait_until)
             if item is None and time.monotonic() >= deadline:
-                raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected "
+                raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected and ready "
                                  f"after waiting {timeout_s:.0f} s")
 
     async def gather(self, members: list[Member], accept: Callable[[Member, Any], bool | str],

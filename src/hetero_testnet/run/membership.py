@@ -54,6 +54,8 @@ class Member:
     bytes_sent: int = 0
     """Bytes on the wire over its committed rounds (all incarnations), as its `Reduced` reported them."""
     bytes_received: int = 0
+    ready: bool = False
+    """It reported `Ready` (its model is built): only ready members are put into a generation."""
 
     def send(self, message: P.Message) -> None:
         """Queue a message; a dead or closing connection is ignored (its loss is reported elsewhere)."""
@@ -168,6 +170,10 @@ class Membership:
 
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.alive]
+
+    def ready(self) -> list[Member]:
+        """The live members that finished their setup (`Ready`): the ones a generation can include."""
+        return [m for m in self.members.values() if m.alive and m.ready]
 
 
 def tier_rule(config: RunConfig, sync: str) -> Callable[[int], None] | None:

@@ -63,6 +63,13 @@ class Hello(Message):
 
 
 @dataclass(kw_only=True)
+class Ready(Message):
+    """The client is set up (model built, data open) and can form a group; sent once per connection."""
+
+    type: ClassVar[str] = "ready"
+
+
+@dataclass(kw_only=True)
 class GroupReady(Message):
     type: ClassVar[str] = "group_ready"
     generation: int
@@ -270,7 +277,7 @@ class Shutdown(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.type: cls
-    for cls in (Hello, Heartbeat, GroupReady, ComputeDone, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
+    for cls in (Hello, Heartbeat, Ready, GroupReady, ComputeDone, Reduced, Applied, RoundFailed, EvalResult, Saved, Welcome, Reject,
                 Generation, Round, Go, Commit, Discard, Evaluate, SaveCheckpoint, Dropped, Ping, Shutdown)
 }
 
