@@ -138,7 +138,8 @@ class Coordinator:
         await self.inbox.wait_for_members(need=self.init_min_clients if first else self.min_clients,
                                           expected=self.opts.expected_clients if first else 0, first=first,
                                           timeout_s=self.timing.waiting_for_members_timeout,
-                                          extra_time_s=self.timing.waiting_for_members_extra_time)
+                                          extra_time_s=self.timing.waiting_for_members_extra_time,
+                                          setup_s=self.timing.warmup_time)
 
     async def form_generation(self) -> None:
         """Warmup: a process group of every live member, retried with the survivors until one forms."""

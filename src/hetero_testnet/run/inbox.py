@@ -171,12 +171,13 @@ class Inbox:
             return member, message
 
     async def wait_for_members(self, *, need: int, expected: int, first: bool, timeout_s: float,
-                               extra_time_s: float) -> None:
-        """Until enough members are connected: `max(need, expected)`, or `need` for `extra_time_s`.
+                               extra_time_s: float, setup_s: float = 0.0) -> None:
+        """Until enough members are connected and ready: `max(need, expected)`, or `need` for `extra_time_s`.
 
         The first time without `expected` it always waits the extra time (late starters may join);
-        afterwards `need` is enough at once. Raises RunAborted when fewer than `need` are connected
-        after `timeout_s`.
+        afterwards `need` is enough at once. Raises RunAborted when fewer than `need` are ready
+        after `timeout_s`, unless enough others are connected and still setting up (for at most
+        `setup_s` since they joined: a restarted client builds its model before it is `Ready`).
         """
         deadline = time.monotonic() + timeout_s
         enough_since: float | None = None
@@ -192,7 +193,11 @@ class Inbox:
                 enough_since = None
             wait_until = min(deadline, (enough_since + extra_time_s) if enough_since else deadline)
             item = await self.next_message(wait_until)
-            if item is None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            coming = [m for m in self.membership.alive() if not m.ready and now - m.joined_at < setup_s]
+            if item is None and now >= deadline and alive + len(coming) >= need:
+                deadline = min(m.joined_at for m in coming) + setup_s  # give them their setup time
+            elif item is None and now >= deadline:
                 raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected and ready "
                                  f"after waiting {timeout_s:.0f} s")
 

@@ -56,6 +56,8 @@ class Member:
     bytes_received: int = 0
     ready: bool = False
     """It reported `Ready` (its model is built): only ready members are put into a generation."""
+    joined_at: float = field(default_factory=time.monotonic)
+    """When this connection was admitted (a member not ready yet is setting up since then)."""
 
     def send(self, message: P.Message) -> None:
         """Queue a message; a dead or closing connection is ignored (its loss is reported elsewhere)."""
