@@ -224,7 +224,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path):
     assert by["0-1"]["val_loss_tier0_diff_p_welch"] != ""
     md = (out / "results.md").read_text()
     for section in ["## Setup", "## Final losses (mean ± 95% CI over seeds)",
-                    "## Difference vs baseline `0-0`: validation loss, tier 0 (full model)",
+                    "## Exploratory: difference vs baseline `0-0`, validation loss, tier 0 (full model) (Welch)",
                     "## Throughput and health", "## Runs", "## Plots", "## What these numbers can and cannot tell"]:
         assert section in md
     assert (out / "val_loss.png").stat().st_size > 0 and (out / "train_loss.png").stat().st_size > 0

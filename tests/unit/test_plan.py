@@ -233,3 +233,51 @@ def test_plan_coordinator(tmp_path):
     assert (fresh.start_step, fresh.start_data_index, fresh.backend, fresh.resume_checkpoint) == (0, 0, "gloo", None)
     with pytest.raises(ConfigError, match="--sync must be one of"):
         plan_coordinator(config_path=TINY_CONFIG_DIR, run_dir=run, token="t", sync="x")
+
+
+# ----------------------------------------------------------------- random-kill eligibility
+
+class _LiveProc:
+    """A stand-in for a client's Popen: alive until killed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.killed = pid, False
+
+    def poll(self):
+        return -9 if self.killed else None
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self) -> int:
+        return -9
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.emitted: list[tuple[str, dict]] = []
+
+    def emit(self, event, **fields) -> None:
+        self.emitted.append((str(event), fields))
+
+
+def test_random_kills_hit_only_clients_that_trained_since_joining(tmp_path):
+    from hetero_testnet.events import Event
+    from hetero_testnet.run.launcher import Child, Launcher
+
+    plan = _plan(tmp_path, faults=FaultPlan(random_kill_num=1, random_kill_interval_s=5))
+    launcher = Launcher(plan)
+    launcher.events = _Events()
+    proc = _LiveProc(pid=4242)
+    launcher.children["client-2"] = Child("client", 2, proc, tmp_path / "c2.log")
+    launcher._random_kill()                                     # started, not joined: nothing to kill
+    launcher._note({"event": Event.CLIENT_JOINED, "client_id": 2, "pid": 9999})  # another process's join
+    launcher._note({"event": Event.CLIENT_STEP, "client_id": 2, "step": 0})
+    launcher._random_kill()
+    launcher._note({"event": Event.CLIENT_JOINED, "client_id": 2, "pid": 4242})
+    launcher._random_kill()                                     # joined, has not trained a round yet
+    assert not proc.killed and launcher.fault_counts["kills"] == 0
+    launcher._note({"event": Event.CLIENT_STEP, "client_id": 2, "step": 1})
+    launcher._random_kill()
+    assert proc.killed and launcher.fault_counts["kills"] == 1
+    assert launcher.events.emitted[-1][0] == str(Event.FAULT_KILL)

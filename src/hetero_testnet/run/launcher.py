@@ -12,10 +12,13 @@ the coordinator stops the clients; a client crash is the coordinator's business 
 
 Faults: `--random-kill-*` SIGKILLs eligible clients every interval and restarts them with the
 same client id after a delay; every kill and restart is an event in `events.jsonl`. A client is
-eligible once its current process has joined the run (a `client_joined` event with its pid): a
-process still starting holds nothing to lose, and killing restarts again and again before they
-connect would only starve the run (seen with kills every 5 s and 5-20 s start-ups on 2 loaded
-cores); an interval with no eligible client skips its kill. Crash-only:
+eligible once its current process has joined the run (a `client_joined` event with its pid) and
+then trained a round (a `client_step` of its id after that): a process still starting or still
+receiving state holds nothing to lose, and killing restarts again and again before they train would
+only starve the run (seen with kills every 5-6 s and 5-20 s start-ups on 2 loaded cores: the killed
+client rejoined and was killed again before its first round, run after run). Kills aimed at group
+formation and the state broadcast are the test hooks' job (`run/testhooks.py`), which time them
+exactly. An interval with no eligible client skips its kill. Crash-only:
 a client that exits with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group; 76: a
 test hook killed it) is restarted the same way.
 """
@@ -68,7 +71,9 @@ class Child:
     restart_scheduled: bool = False
     """Its exit asked for a restart that is already scheduled (crash-only)."""
     joined: bool = False
-    """Its current process has joined the run (it may be killed by the fault injection)."""
+    """Its current process has joined the run."""
+    trained: bool = False
+    """Its current process has trained a round since joining (it may be killed by the fault injection)."""
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -125,7 +130,7 @@ class Launcher:
             self.children[key] = child
         else:
             child.proc = proc
-            child.restart_scheduled = child.joined = False
+            child.restart_scheduled = child.joined = child.trained = False
         self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
 
@@ -247,11 +252,15 @@ class Launcher:
             child = self.children.get(f"client-{event.get('client_id')}")
             if child is not None and child.proc.pid == event.get("pid"):
                 child.joined = True
+        if kind == Event.CLIENT_STEP:
+            child = self.children.get(f"client-{event.get('client_id')}")
+            if child is not None and child.joined:
+                child.trained = True
 
     def _random_kill(self) -> None:
         f = self.plan.faults
         eligible = [c for c in self.children.values()
-                    if c.role == "client" and c.proc.poll() is None and c.joined
+                    if c.role == "client" and c.proc.poll() is None and c.trained
                     and (not f.allowed_to_kill or c.client_id in f.allowed_to_kill)]
         for child in self.rng.sample(eligible, min(f.random_kill_num, len(eligible))):
             child.proc.kill()
