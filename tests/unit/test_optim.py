@@ -9,7 +9,7 @@ from hetero_testnet.config import LRScheduleConfig, OptimizerConfig
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.model.matformer import expand_neuron_vector, ffn_neuron_axis, is_ffn_param
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, lr_at
+from hetero_testnet.model.optim import MaskedAdamW, clip_coefficient, lr_at, step_lr
 
 OPT = OptimizerConfig(betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
 
@@ -26,6 +26,16 @@ def test_lr_at_known_points():
     assert lr_at(250, cfg) == pytest.approx(6e-5)  # clamped past total_steps
     lrs = [lr_at(s, cfg) for s in range(50, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_step_0_trains_at_the_references_step_1_rate():
+    """Steps count from 0 here and from 1 in Psyche: step s takes lr_at(s + 1), so the first step
+    moves the weights even when warmup starts at 0, and the last step reaches final_lr."""
+    cfg = LRScheduleConfig(base_lr=6e-4, warmup_steps=50, warmup_init_lr=0.0, total_steps=100, final_lr=6e-5)
+    assert step_lr(0, cfg) == pytest.approx(6e-4 / 50) and step_lr(0, cfg) > 0
+    assert step_lr(49, cfg) == pytest.approx(6e-4)
+    assert step_lr(99, cfg) == pytest.approx(6e-5)
+    assert [step_lr(s, cfg) for s in range(120)] == [lr_at(s + 1, cfg) for s in range(120)]
 
 
 def test_lr_at_edge_cases():

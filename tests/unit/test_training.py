@@ -7,6 +7,7 @@ import torch
 from hetero_testnet.model.checkpoint import load_checkpoint
 from hetero_testnet.model.matformer import NeuronSet, is_ffn_param
 from hetero_testnet.model.nanogpt import build_model
+from hetero_testnet.model.optim import step_lr
 from hetero_testnet.model.train import evaluate, forward_backward
 from hetero_testnet.run.single import train_single
 
@@ -60,7 +61,8 @@ def test_train_single_tier1_trains_prefix_only(tiny_config, logs_dir):
                           train_data=train, val_data=val)
     assert [r["step"] for r in records] == list(range(6))
     assert set(records[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_sec"}
-    assert records[0]["lr"] == 0.0 and records[0]["tokens"] == 6 * m.max_seq_len
+    # step 0 trains at the reference's step-1 rate (warmup from 0 over warmup_steps), never at 0
+    assert records[0]["lr"] == step_lr(0, tiny_config.lr_schedule) > 0.0 and records[0]["tokens"] == 6 * m.max_seq_len
     assert records[-1]["loss"] < records[0]["loss"]  # 8 samples seen repeatedly: it memorises
     assert [e["step"] for e in evals] == [0, 4, 6]  # start, eval_every=4, end
     assert result.final_val_loss == evals[-1]["val_loss"] and result.initial_val_loss == evals[0]["val_loss"]

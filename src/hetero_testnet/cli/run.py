@@ -62,8 +62,11 @@ def start(
     name: Annotated[Optional[str], typer.Option("--name", help="Run name: logs go to <logs-dir>/<name>/ "
                                                 "(default: tiers + UTC time).")] = None,
     logs_dir: Annotated[Path, typer.Option("--logs-dir", help="Parent directory of run logs.")] = Path("logs"),
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Run seed (initial weights, data order); "
-                                                "default from the config.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Run seed (initial weights, helper draws, and "
+                                                "the data order unless --data-seed); default from the config.")
+                    ] = None,
+    data_seed: Annotated[Optional[int], typer.Option("--data-seed", help="Seed of the training-sample order "
+                                                     "(a permutation per epoch); default: the run seed.")] = None,
     total_steps: Annotated[Optional[int], typer.Option("--total-steps", help="Override config total_steps "
                                                        "(the LR schedule follows).")] = None,
     exit_after_secs: Annotated[Optional[float], typer.Option(
@@ -131,7 +134,8 @@ def start(
                                gloo_ifname=gloo_ifname)
     plan = plan_launch(
         num_clients=num_clients, config_path=config_path, tiers=tier_list, helper_fractions=fractions,
-        rotation_intervals=intervals, name=name, logs_dir=logs_dir, resume=resume, seed=seed, total_steps=total_steps,
+        rotation_intervals=intervals, name=name, logs_dir=logs_dir, resume=resume, seed=seed, data_seed=data_seed,
+        total_steps=total_steps,
         sync_flags=SyncFlags(sync=sync, demo_topk=demo_topk, demo_chunk=demo_chunk, demo_decay=demo_decay,
                              demo_1bit=demo_1bit, demo_values=demo_values, demo_apply=demo_apply,
                              inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -199,6 +203,8 @@ def coordinator(
     resume_checkpoint: Annotated[Optional[Path], typer.Option("--resume-checkpoint",
                                                               help="Start from this checkpoint.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Override the config's seed.")] = None,
+    data_seed: Annotated[Optional[int], typer.Option("--data-seed", help="Override the config's data_seed "
+                                                     "(training-sample order; default: the seed).")] = None,
     total_steps: Annotated[Optional[int], typer.Option("--total-steps", help="Override total_steps.")] = None,
     token_file: TokenFileOption = None,
     fault_latency_ms: Annotated[Optional[str], typer.Option("--fault-latency-ms", help="BASE[-JITTER] ms added "
@@ -222,8 +228,8 @@ def coordinator(
     cfg, opts = plan_coordinator(
         config_path=config_path, run_dir=run_dir, token=token, bind=bind, server_port=server_port,
         expect_clients=expect_clients, sync=sync, device=device, backend=_backend(backend), min_clients=min_clients,
-        checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, total_steps=total_steps,
-        network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit,
+        checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, data_seed=data_seed,
+        total_steps=total_steps, network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit,
                           packet_loss=fault_packet_loss),
         listen_fd=listen_fd)
     check_recovery_and_network(auto_checkpoint_every=auto_checkpoint_every, bind=bind, advertise_host=advertise_host)

@@ -43,12 +43,13 @@ def _set_threads(threads: int | None) -> int:
     return threads
 
 
-def _load_config(config: Path, seed: int | None):
+def _load_config(config: Path, seed: int | None, data_seed: int | None = None):
     from hetero_testnet.cli.options import warn_config
     from hetero_testnet.config import load_run_config
 
     cfg = warn_config(load_run_config(config))
-    return cfg if seed is None else cfg.replace(seed=seed)
+    cfg = cfg if seed is None else cfg.replace(seed=seed)
+    return cfg if data_seed is None else cfg.replace(data_seed=data_seed)
 
 
 def _kv(**fields: Any) -> str:
@@ -83,8 +84,10 @@ def train(
         help="Draw new helper neurons every this many steps.")] = 16,
     out: Annotated[Optional[Path], typer.Option(
         help="Output directory (the final checkpoint goes to OUT/checkpoint). Default: logs/train-<UTC time>.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Initialisation and helper seed; default: the config's `seed`.")]
-        = None,
+    seed: Annotated[Optional[int], typer.Option(help="Initialisation and helper seed, and the data order unless "
+                                                "--data-seed; default: the config's `seed`.")] = None,
+    data_seed: Annotated[Optional[int], typer.Option(help="Seed of the training-sample order; default: the seed.")
+                         ] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train one client alone on the whole global batch (the single-process baseline); checkpoint at the end.
@@ -98,7 +101,7 @@ def train(
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {steps})")
     n_threads = _set_threads(threads)
-    cfg = _load_config(config, seed)
+    cfg = _load_config(config, seed, data_seed)
     width = ffn_width(cfg.model.intermediate_size, tier)
     # validates the helper options before any work is done
     sample_helpers(cfg.model.intermediate_size, width, helper_fraction, seed=cfg.seed, step=0,
@@ -106,7 +109,7 @@ def train(
     if out is None:
         out = Path("logs") / f"train-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     print(_kv(run_id=cfg.run_id, tier=tier, ffn_width=width, helper_fraction=helper_fraction, steps=steps,
-              seed=cfg.seed, threads=n_threads, out=out), flush=True)
+              seed=cfg.seed, data_seed=cfg.data_order_seed, threads=n_threads, out=out), flush=True)
 
     def on_step(r: dict[str, Any]) -> None:
         print(f"step={r['step']} loss={r['loss']:.4f} lr={r['lr']:.3e} grad_norm={r['grad_norm']:.4f} "

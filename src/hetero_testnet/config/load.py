@@ -93,6 +93,7 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     top = Fields(raw, "", ConfigNotes(psyche=psyche))
     run_id = top.take("run_id", str)
     seed = top.take("seed", int, 1337)
+    data_seed = top.take("data_seed", int, None)
     _psyche.note_no_effect(top, "")
     timing_fields = top.section("config")
     _psyche.note_present(timing_fields, "config", {"verification_percent": 0, "witness_nodes": 1})
@@ -134,8 +135,8 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     val.done()
     sync = _sync(top.section("sync"), distro)
     top.done()
-    return RunConfig(run_id=run_id, seed=seed, timing=timing, model=model, data=data, lr_schedule=lr,
-                     optimizer=opt, sync=sync, micro_batch_size=micro_batch_size, source=source,
+    return RunConfig(run_id=run_id, seed=seed, data_seed=data_seed, timing=timing, model=model, data=data,
+                     lr_schedule=lr, optimizer=opt, sync=sync, micro_batch_size=micro_batch_size, source=source,
                      init_checkpoint=init_checkpoint, notes=_psyche.notes_of(top.notes))
 
 

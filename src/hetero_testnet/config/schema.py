@@ -60,7 +60,8 @@ LR_SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LRScheduleConfig:
-    """Psyche's learning-rate schedules, indexed by step (`model.optim.lr_at` has the formulas):
+    """Psyche's learning-rate schedules, indexed by Psyche's 1-based step (`model.optim.lr_at` has the
+    formulas; this tool's 0-based step s trains at `step_lr(s) = lr_at(s + 1)`):
     `kind` is Constant, Linear, Cosine or WarmupStableDecay; each reads the fields
     `LR_SCHEDULE_FIELDS[kind]` names, the others keep their defaults."""
 
@@ -194,6 +195,9 @@ class RunConfig:
 
     run_id: str
     seed: int = 1337
+    """Initial weights, helper draws and (unless `data_seed` is set) the order of the training samples."""
+    data_seed: int | None = None
+    """Seeds the order of the training samples (`data/order.py`); None: the run's `seed`."""
     timing: RunTimingConfig = field(default_factory=RunTimingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig
@@ -214,6 +218,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(self.run_id), "run_id must not be empty")
         _require(self.micro_batch_size >= 0, "model.LLM.micro_batch_size must be >= 0")
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the training-sample order this run uses."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -259,7 +268,8 @@ class RunConfig:
             "eval_every": self.data.eval_every,
             "tiers": list(self.data.eval_tiers),
         }
-        return {"run_id": self.run_id, "seed": self.seed, "config": timing,
+        seeds = {"seed": self.seed} if self.data_seed is None else {"seed": self.seed, "data_seed": self.data_seed}
+        return {"run_id": self.run_id, **seeds, "config": timing,
                 "model": {"LLM": llm}, "validation": validation, "sync": self.sync.to_dict()}
 
     def _optimizer_fields(self) -> dict[str, Any]:

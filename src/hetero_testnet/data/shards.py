@@ -18,7 +18,9 @@ Vocabulary used below:
   client computes the same sample from the same j. There are `(num_tokens - 1) // L` samples; the
   tail that does not fill a sample is never read.
 - sample ids *wrap*: id j reads sample `j % num_samples`, so a run that consumes more samples than the
-  data holds cycles over it again from the start (epochs), instead of failing.
+  data holds cycles over it again from the start (epochs), instead of failing. With a data seed
+  (`data/order.py`, the training split of a run) id j reads the stored sample that the seeded
+  permutation of its epoch puts at position `j % num_samples`.
 
 Uncompressed tokens are memory-mapped, never read whole. Each shard is validated once when opened (header, size,
 largest id: one pass of numpy over the map), so bad data fails at start-up with a `DataError` naming
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from hetero_testnet.config import DataConfig
+from hetero_testnet.data.order import SampleOrder
 from hetero_testnet.errors import DataError
 
 MAGIC = 20240520
@@ -294,9 +297,11 @@ class TokenShards:
 
 
 class SampleDataset:
-    """Fixed-length samples of a token stream: sample j is tokens [j*L, j*L + L] (see module doc)."""
+    """Fixed-length samples of a token stream: sample j is tokens [j*L, j*L + L] (see module doc),
+    read in the order of `data_seed` (`data/order.py`; None: stored order)."""
 
-    def __init__(self, shards: TokenShards | Sequence[Path], seq_len: int, vocab_size: int) -> None:
+    def __init__(self, shards: TokenShards | Sequence[Path], seq_len: int, vocab_size: int,
+                 data_seed: int | None = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1 (got {seq_len})")
         self.shards = shards if isinstance(shards, TokenShards) else TokenShards(shards)
@@ -309,15 +314,15 @@ class SampleDataset:
             raise DataError(f"{where} hold {self.num_tokens} tokens, fewer than one sample of max_seq_len + 1 = "
                             f"{seq_len + 1}; lower model.LLM.max_seq_len or add data")
         self.num_samples = (self.num_tokens - 1) // seq_len
+        self.order = SampleOrder(self.num_samples, data_seed)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def sample(self, j: int) -> torch.Tensor:
-        """Sample `j % num_samples` as int64 ids, shape (seq_len + 1,)."""
-        if j < 0:
-            raise IndexError(f"sample id must be >= 0 (got {j})")
-        start = (j % self.num_samples) * self.seq_len
+        """The stored sample that id `j` reads (`j % num_samples` without a data seed) as int64 ids,
+        shape (seq_len + 1,)."""
+        start = self.order.stored(j) * self.seq_len
         return torch.from_numpy(self.shards.read(start, start + self.seq_len + 1).astype(np.int64))
 
     def batch(self, start: int, count: int) -> torch.Tensor:
@@ -330,8 +335,10 @@ class SampleDataset:
         return out
 
 
-def open_split(data: DataConfig, split: Literal["train", "val"], seq_len: int, vocab_size: int) -> SampleDataset:
-    """The training or validation samples a config names, validated (`DataError` on any problem)."""
+def open_split(data: DataConfig, split: Literal["train", "val"], seq_len: int, vocab_size: int,
+               data_seed: int | None = None) -> SampleDataset:
+    """The training or validation samples a config names, validated (`DataError` on any problem),
+    read in the order of `data_seed` (training: the run's `RunConfig.data_order_seed`)."""
     if split == "train":
         directory, pattern = data.train_dir, data.train_pattern
     elif split == "val":
@@ -343,4 +350,4 @@ def open_split(data: DataConfig, split: Literal["train", "val"], seq_len: int, v
         paths = list_shards(directory, pattern)
     except DataError as e:
         raise DataError(f"{split} data: {e} (config: {location_key}, {pattern_key})") from e
-    return SampleDataset(TokenShards(paths, vocab_size), seq_len, vocab_size)
+    return SampleDataset(TokenShards(paths, vocab_size), seq_len, vocab_size, data_seed)

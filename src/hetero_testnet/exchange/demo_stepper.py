@@ -50,7 +50,7 @@ from hetero_testnet.exchange.stepper import RoundResult, RoundWork, Stepper, for
 from hetero_testnet.exchange.strategies import DemoSync, SingleProcess
 from hetero_testnet.model.matformer import NeuronSet, ffn_width
 from hetero_testnet.model.nanogpt import NanoGPT
-from hetero_testnet.model.optim import lr_at
+from hetero_testnet.model.optim import step_lr
 
 
 def demo_config(settings: DemoSyncConfig) -> DemoConfig:
@@ -107,7 +107,7 @@ class DemoStepper(Stepper):
         self.discard()
         self.saved = {name: d.clone() for name, d in self.delta.items()}
         if ok and tokens > 0:
-            apply_momentum(self.delta, self.grads, lr_at(batch.step, self.cfg.lr_schedule), self.settings.decay)
+            apply_momentum(self.delta, self.grads, step_lr(batch.step, self.cfg.lr_schedule), self.settings.decay)
         # A diverged client still takes part in the collective (its peers wait in it), owning nothing.
         encoded = encode(self.delta, self.demo, masks, tokens if ok else 0)
         t1 = time.perf_counter()

@@ -4,7 +4,7 @@ exact across tiers.
 One round of one client (`inner_steps` = H):
 
     H inner steps            forward/backward at its tier, local clip, `optimizer` (AdamW or SGD) at
-                             lr_at(step + j), only its neurons; no exchange
+                             step_lr(step + j), only its neurons; no exchange
     pseudo-gradient          delta = theta_global - theta_local (exactly 0 where it trained nothing)
     exchange                 `MaskedGradientReducer.reduce`: T * delta plus counts, one all-reduce,
                              the exact masked average (T = its tokens over the round, the counts of a
@@ -42,7 +42,7 @@ from hetero_testnet.exchange.stepper import InnerBatch, RoundResult, RoundWork, 
 from hetero_testnet.exchange.strategies import DiLoCoSync, SingleProcess
 from hetero_testnet.model.checkpoint import tensors_checksum
 from hetero_testnet.model.nanogpt import NanoGPT
-from hetero_testnet.model.optim import build_optimizer, lr_at
+from hetero_testnet.model.optim import build_optimizer, step_lr
 
 MOMENTUM_KEY = "outer_momentum"
 """Checkpoint key suffix of the outer momentum: `<param>.outer_momentum`."""
@@ -144,7 +144,7 @@ class DiLoCoStepper(Stepper):
         if not (math.isfinite(loss) and math.isfinite(local.grad_norm)):
             progress.finite = False  # reported as diverged; never applied (the coordinator discards)
             return
-        self.inner.step(lr_at(batch.step, self.cfg.lr_schedule), local.update_masks)
+        self.inner.step(step_lr(batch.step, self.cfg.lr_schedule), local.update_masks)
         progress.masks |= masks
         progress.tokens += tokens
         progress.loss_sum += loss * tokens

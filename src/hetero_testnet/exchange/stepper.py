@@ -15,7 +15,7 @@ branches on the mode.
   outer step; a discard keeps the local progress; a joiner gets theta_global and the outer momentum.
 
 Vocabulary: a round has one or more *inner steps* (1 except under diloco), each an `InnerBatch` at
-schedule position `step` (its LR is `lr_at(step)`); a `RangeWork` is the inner steps of one
+schedule position `step` (its LR is `step_lr(step)`); a `RangeWork` is the inner steps of one
 assigned sample range; a `RoundWork` is the main range plus, under a diloco retry, the ranges of
 lost members (`extra_ranges`).
 
@@ -49,7 +49,7 @@ from hetero_testnet.model.train import forward_backward
 @dataclass(frozen=True)
 class InnerBatch:
     step: int
-    """Schedule position: the inner step's LR is `lr_at(step)`, its helpers are drawn for `step`."""
+    """Schedule position: the inner step's LR is `step_lr(step)`, its helpers are drawn for `step`."""
     tokens: torch.Tensor | None
     """(B, T+1) int64 samples on the model's device; None when this inner step trains nothing."""
     neurons: NeuronSet

@@ -54,6 +54,19 @@ def lr_at(step: int, cfg: LRScheduleConfig) -> float:
     return cfg.final_lr + (cfg.base_lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_lr(step: int, cfg: LRScheduleConfig) -> float:
+    """The learning rate of this tool's step `step`, counted from 0: Psyche's `lr_at(step + 1)`.
+
+    Why +1: the reference counts steps from 1, so its first optimizer step already takes
+    `init + (base - init) / warmup`. Indexing the schedule by a 0-based step made every run's
+    first step use `warmup_init_lr` (0.0 in every shipped config), i.e. move no weight at all,
+    and shifted the whole schedule one step late. The last step (`total - 1`) takes `lr_at(total)`
+    (`final_lr` for Cosine). Every trainer (coordinator, `testnet train`, DeMo, DiLoCo inner steps)
+    asks this function, so resume and single-process runs agree.
+    """
+    return lr_at(step + 1, cfg)
+
+
 def _lr_after_warmup(s: int, cfg: LRScheduleConfig) -> float:
     """Constant, Linear and WarmupStableDecay at `s` steps after the warmup (see `lr_at`)."""
     if cfg.kind == "Constant":

@@ -126,7 +126,7 @@ class Client:
         m = self.cfg.model
         self.width = ffn_width(m.intermediate_size, self.opts.tier)
         self.device = torch.device(self.opts.device)
-        self.train_data = open_split(self.cfg.data, "train", m.max_seq_len, m.vocab_size)
+        self.train_data = open_split(self.cfg.data, "train", m.max_seq_len, m.vocab_size, self.cfg.data_order_seed)
         self.val_data = open_split(self.cfg.data, "val", m.max_seq_len, m.vocab_size)
         self.model = build_model(m, self.cfg.seed).to(self.device)
         ckpt = load_checkpoint(Path(welcome.initial_checkpoint)) if welcome.initial_checkpoint else None

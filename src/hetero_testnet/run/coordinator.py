@@ -38,7 +38,7 @@ from typing import Any
 from hetero_testnet.config import RunConfig, shares_model
 from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter, RunState
-from hetero_testnet.model.optim import lr_at
+from hetero_testnet.model.optim import step_lr
 from hetero_testnet.run import protocol as P
 from hetero_testnet.run.inbox import Gathered, Inbox
 from hetero_testnet.run.membership import Member, Membership
@@ -214,7 +214,7 @@ class Coordinator:
         batch = self.timing.global_batch_size(self.totals.tokens_seen)
         plan = self.rounds.plan(self.generation_members, step, self.timing.total_steps, batch, self.totals.data_index)
         self.round_plan, self.reduced = plan, {}
-        lr = lr_at(step, self.cfg.lr_schedule)
+        lr = step_lr(step, self.cfg.lr_schedule)
         t0 = time.monotonic()
         for m in members:
             m.send(plan.message(m.client_id, epoch=self.epoch, generation=generation))

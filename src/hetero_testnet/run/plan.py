@@ -168,11 +168,14 @@ def check_helper_fraction(value: float, *, error: str) -> float:
         raise ConfigError(error) from None
 
 
-def load_config(config_path: Path, *, seed: int | None = None, total_steps: int | None = None) -> RunConfig:
-    """The run config at `config_path`, with the command line's seed and step count applied."""
+def load_config(config_path: Path, *, seed: int | None = None, data_seed: int | None = None,
+                total_steps: int | None = None) -> RunConfig:
+    """The run config at `config_path`, with the command line's seeds and step count applied."""
     cfg = load_run_config(config_path)
     if seed is not None:
         cfg = cfg.replace(seed=seed)
+    if data_seed is not None:
+        cfg = cfg.replace(data_seed=data_seed)
     if total_steps is not None:
         cfg = cfg.with_total_steps(total_steps)
     return cfg
@@ -206,8 +209,8 @@ def _check_data(cfg: RunConfig) -> None:
 def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (),
                 helper_fractions: Sequence[float] = (), rotation_intervals: Sequence[int] = (),
                 name: str | None = None, logs_dir: Path = Path("logs"), resume: Path | None = None,
-                seed: int | None = None, total_steps: int | None = None, sync: str | None = None,
-                sync_flags: SyncFlags = SyncFlags(), bind: str = "127.0.0.1", server_port: int = 20000,
+                seed: int | None = None, data_seed: int | None = None, total_steps: int | None = None,
+                sync: str | None = None, sync_flags: SyncFlags = SyncFlags(), bind: str = "127.0.0.1", server_port: int = 20000,
                 device: str = "cpu", threads: int | None = None, min_clients: int | None = None,
                 checkpoint_every: int = 0, exit_after_s: float | None = None, faults: FaultPlan | None = None,
                 command_line: str = "", cores: int | None = None, now: datetime | None = None) -> LaunchPlan:
@@ -215,7 +218,7 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
 
     `tiers`, `helper_fractions` and `rotation_intervals` cycle over the clients (empty: 0, 0.0, 16).
     With `resume` (a run directory) the run continues there from its latest checkpoint with its own
-    config (`seed` and `config_path` are then ignored). `threads` defaults to `cores // num_clients`
+    config (`seed`, `data_seed` and `config_path` are then ignored). `threads` defaults to `cores // num_clients`
     (`cores`: this machine's). `faults.seed` is replaced by the run's seed. `now` names a run
     without `name`. `device` must already be resolved (cpu, cuda, mps). `sync` (or `sync_flags.sync`;
     None: the config's mode) and the mode flags go into the config (`run/sync_flags.py`). Reads the
@@ -232,7 +235,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     for i in rotation_intervals:
         if i < 1:
             raise ConfigError(f"--helper-rotation-intervals values must be >= 1 (got {i})")
-    cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, total_steps=total_steps)
+    cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, data_seed=data_seed,
+                                             total_steps=total_steps)
     cfg = apply_sync_flags(cfg, sync_flags, resumed=resume is not None)
     specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
     backend = assign_devices(specs, device)
@@ -253,11 +257,11 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
                       resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line)
 
 
-def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None,
+def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None, data_seed: int | None,
                     total_steps: int | None) -> tuple[RunConfig, Path | None]:
     """(config, None) of a new run; (its recorded config, its latest checkpoint) of a resumed one."""
     if resume is None:
-        cfg = load_config(config_path, seed=seed, total_steps=total_steps)
+        cfg = load_config(config_path, seed=seed, data_seed=data_seed, total_steps=total_steps)
         return (cfg, None) if cfg.init_checkpoint is None else _from_init_checkpoint(cfg)
     from hetero_testnet.model.checkpoint import latest_checkpoint
 
@@ -346,7 +350,7 @@ def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str 
                      server_port: int = 20000, expect_clients: int = 0, sync: str | None = None,
                      device: str = "cpu", backend: str | None = None, min_clients: int | None = None,
                      checkpoint_every: int = 0, resume_checkpoint: Path | None = None, seed: int | None = None,
-                     total_steps: int | None = None, network: FaultPlan | None = None,
+                     data_seed: int | None = None, total_steps: int | None = None, network: FaultPlan | None = None,
                      listen_fd: int | None = None, sync_flags: SyncFlags = SyncFlags()
                      ) -> tuple[RunConfig, CoordinatorOptions]:
     """The config and options of one coordinator; raises ConfigError on bad input.
@@ -357,7 +361,8 @@ def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str 
     """
     if sync is not None:
         sync_flags = dataclasses.replace(sync_flags, sync=check_sync(sync))
-    cfg = apply_sync_flags(load_config(config_path, seed=seed, total_steps=total_steps), sync_flags)
+    cfg = apply_sync_flags(load_config(config_path, seed=seed, data_seed=data_seed, total_steps=total_steps),
+                           sync_flags)
     sync = cfg.sync.mode
     start_step, data_index = resume_position(resume_checkpoint) if resume_checkpoint is not None else (0, 0)
     return cfg, CoordinatorOptions(

@@ -4,7 +4,7 @@ with any number of tier-0 clients must match. It is the client at world size 1: 
 the same `MaskedAdamW`. It follows the run's conventions exactly:
 
 - steps are numbered from 0; step s trains on sample ids `[s * B, (s + 1) * B)` of the training
-  split (B = `config.timing.global_batch_size(tokens_seen)` sequences) at `lr_at(s)`;
+  split (B = `config.timing.global_batch_size(tokens_seen)` sequences) at `step_lr(s)`;
 - the gradient is the mean over every token of the batch, clipped by its global L2 norm;
 - `MaskedAdamW` updates only the neurons the client computed (the tier prefix plus helpers), so
   neurons outside the set keep their initial values and optimizer state.
@@ -29,7 +29,7 @@ from hetero_testnet.exchange.strategies import SingleProcess
 from hetero_testnet.model.checkpoint import save_checkpoint
 from hetero_testnet.model.matformer import NeuronSet, build_neuron_masks, build_neuron_set, ffn_width
 from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters
-from hetero_testnet.model.optim import MaskedAdamW, MaskedSGD, build_optimizer, lr_at
+from hetero_testnet.model.optim import MaskedAdamW, MaskedSGD, build_optimizer, step_lr
 from hetero_testnet.model.train import Samples, evaluate, forward_backward
 
 
@@ -56,7 +56,7 @@ def _splits(config: RunConfig, train_data: Samples | None, val_data: Samples | N
         from hetero_testnet.data.shards import open_split
 
         if train_data is None:
-            train_data = open_split(config.data, "train", m.max_seq_len, m.vocab_size)
+            train_data = open_split(config.data, "train", m.max_seq_len, m.vocab_size, config.data_order_seed)
         if val_data is None:
             val_data = open_split(config.data, "val", m.max_seq_len, m.vocab_size)
     return train_data, val_data
@@ -64,7 +64,7 @@ def _splits(config: RunConfig, train_data: Samples | None, val_data: Samples | N
 
 def _train_step(model: NanoGPT, optimizer: MaskedAdamW | MaskedSGD, reducer: MaskedGradientReducer, config: RunConfig,
                 tokens: torch.Tensor, neurons: NeuronSet, step: int) -> tuple[float, int, float]:
-    """forward/backward, reduce (world size 1: norm, clip, masks), AdamW at `lr_at(step)`.
+    """forward/backward, reduce (world size 1: norm, clip, masks), AdamW at `step_lr(step)`.
 
     Returns (loss, target tokens, grad_norm); `RunFailedError` if the loss or norm is not finite.
     """
@@ -74,7 +74,7 @@ def _train_step(model: NanoGPT, optimizer: MaskedAdamW | MaskedSGD, reducer: Mas
     if not (math.isfinite(loss) and math.isfinite(reduced.grad_norm)):
         raise RunFailedError(f"step {step}: loss {loss} / gradient norm {reduced.grad_norm} is not finite; "
                              f"lower lr_schedule.base_lr or check the data")
-    optimizer.step(lr_at(step, config.lr_schedule), reduced.update_masks)
+    optimizer.step(step_lr(step, config.lr_schedule), reduced.update_masks)
     return loss, num_tokens, reduced.grad_norm
 
 
@@ -134,7 +134,7 @@ def train_single(config: RunConfig, tier: int, helper_fraction: float, rotation_
         neurons = build_neuron_set(m, tier, helper_fraction, rotation_interval, seed, step)
         tokens = train_data.batch(data_index, batch_size)  # (B, T+1)
         loss, num_tokens, grad_norm = _train_step(model, optimizer, reducer, config, tokens, neurons, step)
-        lr = lr_at(step, config.lr_schedule)
+        lr = step_lr(step, config.lr_schedule)
         data_index += batch_size
         tokens_seen += num_tokens
         dt = time.perf_counter() - t0

@@ -68,6 +68,7 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
     counters = totals.counters
     return {
         "run_id": cfg.run_id, "name": run_dir.name, "status": status, "reason": reason,
+        "seed": cfg.seed, "data_seed": cfg.data_order_seed,
         "steps_completed": totals.step, "total_steps": cfg.timing.total_steps, "sync": sync,
         "wall_time_s": round(wall, 3), "train_time_s": round(totals.train_time_s, 3),
         "tokens_trained": totals.tokens_trained,
