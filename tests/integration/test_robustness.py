@@ -135,7 +135,10 @@ def test_churn_with_kills_in_formation_and_broadcast_loses_nothing(calm, tmp_pat
     assert s["status"] == "finished" and s["steps_completed"] == STEPS and s["replicas_identical"]
     assert audit(read_events(run / "events.jsonl"), STEPS) == []  # every step once, identical, samples tiled
     hook_deaths = [e for e in events(run) if e["event"] == "client_exited" and e["exit_code"] == 76]
-    assert s["faults"]["kills"] >= 3 and hook_deaths, (s["faults"], len(hook_deaths))
+    # both kinds of fault happened, at least 3 in all (random kills hit only clients that trained since
+    # joining, so how many land in the ~20 s depends on how often the hooks already killed the joiner)
+    assert s["faults"]["kills"] >= 1 and hook_deaths and s["faults"]["kills"] + len(hook_deaths) >= 3, \
+        (s["faults"], len(hook_deaths))
     assert s["rejoins"] >= 1
     calm_loss, churn_loss = summary(calm[2])["final_val_loss"], s["final_val_loss"]
     for tier, value in calm_loss.items():
