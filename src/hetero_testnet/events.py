@@ -80,6 +80,7 @@ class Event(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     CONNECTION_DROPPED = "connection_dropped"
     COMPUTE_DONE = "compute_done"
+    SHARES = "shares"
     RESTORED = "restored"
     RUN_FINISHED = "run_finished"
 

@@ -261,7 +261,7 @@ def test_registry():
 def test_network_faults_wire_round_trip():
     f = NetworkFaults(latency_ms=5, latency_jitter_ms=2.5, bandwidth_bytes_per_s=1e6)
     assert f.to_wire() == {"latency_ms": 5.0, "latency_jitter_ms": 2.5, "bandwidth_bytes_per_s": 1e6,
-                           "packet_loss": 0.0}
+                           "packet_loss": 0.0, "uplink_bytes_per_s": 0.0, "downlink_bytes_per_s": 0.0}
     assert NetworkFaults.from_wire(f.to_wire()) == f
     assert NetworkFaults.from_wire({}) == NetworkFaults.from_wire(None) == NetworkFaults()
     assert isinstance(NetworkFaults.from_wire({"latency_ms": 3}).latency_ms, float)

@@ -26,6 +26,10 @@ from hetero_testnet.cli.options import (Demo1BitOption, DemoApplyOption, DemoChu
                                         OuterLrOption, OuterMomentumOption, SyncOption, TokenFileOption,
                                         VerboseOption, parse_address, parse_float_list, parse_int_list,
                                         parse_latency, read_token, resolve_device, warn_config)
+from hetero_testnet.cli.device_options import (DEFAULT_REPLAN_EVERY, DEFAULT_SHARES, ClientBandwidthOption,
+                                               ClientDownlinkOption, ClientLatencyOption, ClientLossOption,
+                                               ClientProfilesOption, ClientSpeedsOption, ClientUplinkOption,
+                                               ReplanEveryOption, SharesOption, profile_flags)
 from hetero_testnet.cli.net_options import (DEFAULT_AUTO_CHECKPOINT_EVERY, AdvertiseHostOption, AutoCheckpointOption,
                                             GlooIfnameOption, PacketLossOption)
 from hetero_testnet.cli.metrics import (WandbEntityOption, WandbGroupOption, WandbProjectOption, finish_stream,
@@ -47,7 +51,8 @@ def start(
                                               help="Config directory (config.yaml or Psyche state.toml) or file.")
                            ] = DEFAULT_CONFIG,
     tiers: Annotated[Optional[str], typer.Option("--tiers", "--client-matformer-tiers",
-                                                 help="MatFormer tier per client, e.g. 0,1,1 (cycles; default 0).")
+                                                 help="MatFormer tier per client, e.g. 0,1,1 (cycles; default 0), "
+                                                 "or auto: from each client's device profile.")
                      ] = None,
     helper_fractions: Annotated[Optional[str], typer.Option(
         "--helper-fractions", "--client-matformer-helper-fractions",
@@ -117,12 +122,22 @@ def start(
     wandb_project: WandbProjectOption = None,
     wandb_group: WandbGroupOption = None,
     wandb_entity: WandbEntityOption = None,
+    client_profiles: ClientProfilesOption = None,
+    client_speeds: ClientSpeedsOption = None,
+    client_bandwidth: ClientBandwidthOption = None,
+    client_uplink: ClientUplinkOption = None,
+    client_downlink: ClientDownlinkOption = None,
+    client_latency_ms: ClientLatencyOption = None,
+    client_packet_loss: ClientLossOption = None,
+    shares: SharesOption = DEFAULT_SHARES,
+    replan_every: ReplanEveryOption = DEFAULT_REPLAN_EVERY,
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
     from hetero_testnet.run.plan import FaultPlan, check_recovery_and_network, plan_launch
     from hetero_testnet.run.sync_flags import SyncFlags
 
-    tier_list = parse_int_list(tiers, "--tiers")
+    auto_tier = (tiers or "").strip() == "auto"
+    tier_list = [] if auto_tier else parse_int_list(tiers, "--tiers")
     fractions = parse_float_list(helper_fractions, "--helper-fractions")
     intervals = parse_int_list(helper_rotation_intervals, "--helper-rotation-intervals")
     latency, jitter = parse_latency(fault_latency_ms)
@@ -142,7 +157,10 @@ def start(
                              diloco_bf16=diloco_bf16),
         bind=bind, server_port=server_port, device=device, threads=threads,
         min_clients=min_clients, checkpoint_every=checkpoint_every, exit_after_s=exit_after_secs, faults=faults,
-        command_line=shlex.join(["testnet", *sys.argv[1:]]))
+        command_line=shlex.join(["testnet", *sys.argv[1:]]), auto_tier=auto_tier, shares=shares,
+        replan_every=replan_every, profiles=profile_flags(client_profiles, client_speeds, client_bandwidth,
+                                                          client_uplink, client_downlink, client_latency_ms,
+                                                          client_packet_loss))
     plan = dataclasses.replace(plan, auto_checkpoint_every=auto_checkpoint_every, advertise_host=advertise_host,
                                gloo_ifname=gloo_ifname)
     warn_config(plan.config)
@@ -216,6 +234,8 @@ def coordinator(
     advertise_host: AdvertiseHostOption = None,
     listen_fd: Annotated[Optional[int], typer.Option("--listen-fd", hidden=True,
                                                      help="Inherited listening socket (used by start).")] = None,
+    shares: SharesOption = DEFAULT_SHARES,
+    replan_every: ReplanEveryOption = DEFAULT_REPLAN_EVERY,
     verbose: VerboseOption = False,
 ) -> None:
     """Run the coordinator (control plane) of one run."""
@@ -225,13 +245,13 @@ def coordinator(
 
     token = read_token(token_file)
     latency, jitter = parse_latency(fault_latency_ms)
+    network = FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit,
+                        packet_loss=fault_packet_loss)
     cfg, opts = plan_coordinator(
         config_path=config_path, run_dir=run_dir, token=token, bind=bind, server_port=server_port,
         expect_clients=expect_clients, sync=sync, device=device, backend=_backend(backend), min_clients=min_clients,
         checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint, seed=seed, data_seed=data_seed,
-        total_steps=total_steps, network=FaultPlan(latency_ms=latency, latency_jitter_ms=jitter, bandwidth_bytes_per_s=fault_bandwidth_limit,
-                          packet_loss=fault_packet_loss),
-        listen_fd=listen_fd)
+        total_steps=total_steps, network=network, listen_fd=listen_fd, shares=shares, replan_every=replan_every)
     check_recovery_and_network(auto_checkpoint_every=auto_checkpoint_every, bind=bind, advertise_host=advertise_host)
     if not 0.0 <= fault_packet_loss < 1.0:
         raise ConfigError(f"--fault-packet-loss must be a probability in [0, 1) (got {fault_packet_loss:g})")
@@ -264,10 +284,21 @@ def client(
     coordinator_timeout: Annotated[float, typer.Option("--coordinator-timeout", help="Exit when the coordinator "
                                                        "is silent this long (s).")] = 15.0,
     gloo_ifname: GlooIfnameOption = None,
+    profile_name: Annotated[str, typer.Option("--profile-name", help="Name of the device it emulates (for "
+                                              "reports).")] = "local",
+    speed: Annotated[float, typer.Option("--speed", help="Emulated compute speed in (0, 1]: every round's "
+                                         "compute takes natural time / speed.")] = 1.0,
+    uplink: Annotated[float, typer.Option("--uplink", help="Emulated uplink, bytes/s (0 = unlimited).")] = 0.0,
+    downlink: Annotated[float, typer.Option("--downlink", help="Emulated downlink, bytes/s (0 = unlimited).")
+                        ] = 0.0,
+    latency_ms: Annotated[float, typer.Option("--latency-ms", help="Emulated link latency per exchange.")] = 0.0,
+    packet_loss: Annotated[float, typer.Option("--packet-loss", help="Emulated packet loss in [0, 1).")] = 0.0,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run one client: join a coordinator and train at a MatFormer tier."""
+    """Run one client: join a coordinator and train at a MatFormer tier (optionally as a slower
+    device: --speed and the link flags emulate it, see README "Devices")."""
     from hetero_testnet.events import setup_logging
+    from hetero_testnet.config.devices import DeviceProfile
     from hetero_testnet.run.client import ClientOptions, run_client
     from hetero_testnet.run.plan import check_helper_fraction, check_recovery_and_network
 
@@ -282,7 +313,9 @@ def client(
         check_recovery_and_network(auto_checkpoint_every=0, bind="", advertise_host=None, gloo_ifname=gloo_ifname)
         os.environ["GLOO_SOCKET_IFNAME"] = gloo_ifname  # read by gloo when a group forms
     dev = resolve_device(device)
-    opts = ClientOptions(coordinator_host=host, coordinator_port=port, token=token, tier=tier, client_id=client_id,
+    profile = DeviceProfile(name=profile_name, speed=speed, uplink_bytes_per_s=uplink, downlink_bytes_per_s=downlink,
+                            latency_ms=latency_ms, packet_loss=packet_loss)
+    opts = ClientOptions(profile=profile, coordinator_host=host, coordinator_port=port, token=token, tier=tier, client_id=client_id,
                          helper_fraction=helper_fraction, helper_rotation_interval=helper_rotation_interval,
                          threads=threads, device=dev, data_dir=data_dir, coordinator_timeout_s=coordinator_timeout)
     setup_logging(lambda: f"[client {opts.client_id or '?'} tier {tier}]", stream=sys.stderr, verbose=verbose)

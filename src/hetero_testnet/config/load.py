@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from hetero_testnet.config import psyche as _psyche
+from hetero_testnet.config.devices import parse_devices
 from hetero_testnet.config.fields import ConfigNotes, Fields, dataclass_from, int_tuple, location
 from hetero_testnet.config.schema import (CONFIG_FILE_NAMES, DataConfig, LRScheduleConfig, ModelConfig,
                                           OptimizerConfig, RunConfig, RunTimingConfig)
@@ -134,9 +135,10 @@ def parse_run_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None
     )
     val.done()
     sync = _sync(top.section("sync"), distro)
+    devices = parse_devices(top.raw.pop("devices", None))
     top.done()
     return RunConfig(run_id=run_id, seed=seed, data_seed=data_seed, timing=timing, model=model, data=data,
-                     lr_schedule=lr, optimizer=opt, sync=sync, micro_batch_size=micro_batch_size, source=source,
+                     lr_schedule=lr, optimizer=opt, sync=sync, devices=devices, micro_batch_size=micro_batch_size, source=source,
                      init_checkpoint=init_checkpoint, notes=_psyche.notes_of(top.notes))
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetero_testnet.config.devices import DevicesConfig
 from hetero_testnet.config.sync import SyncConfig
 from hetero_testnet.errors import ConfigError
 
@@ -205,6 +206,8 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     """How replicas share updates (`--sync`); see config/sync.py."""
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    """Named device profiles and each client's (`devices:`; config/devices.py)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass inside a client (0 = the whole local batch at once)."""
     source: Path | None = None
@@ -269,8 +272,9 @@ class RunConfig:
             "tiers": list(self.data.eval_tiers),
         }
         seeds = {"seed": self.seed} if self.data_seed is None else {"seed": self.seed, "data_seed": self.data_seed}
+        devices = {"devices": self.devices.to_dict()} if self.devices != DevicesConfig() else {}
         return {"run_id": self.run_id, **seeds, "config": timing,
-                "model": {"LLM": llm}, "validation": validation, "sync": self.sync.to_dict()}
+                "model": {"LLM": llm}, "validation": validation, "sync": self.sync.to_dict(), **devices}
 
     def _optimizer_fields(self) -> dict[str, Any]:
         o = self.optimizer

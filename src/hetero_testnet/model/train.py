@@ -6,11 +6,13 @@ one-process baseline (`run/single.py`, `testnet train`) call each step.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
 
-from hetero_testnet.model.matformer import NeuronSet
+from hetero_testnet.config import RunConfig
+from hetero_testnet.model.matformer import NeuronSet, build_neuron_set
 from hetero_testnet.model.nanogpt import NanoGPT
 
 
@@ -70,3 +72,17 @@ def evaluate(model: NanoGPT, dataset: Samples, neurons: NeuronSet | None, num_sa
         return total / max(count, 1)
     finally:
         model.train(was_training)
+
+
+def evaluate_tiers(model: NanoGPT, dataset: Samples, cfg: RunConfig, tiers: list[int], step: int) -> list[dict]:
+    """Validation loss of each tier's submodel (its FFN prefix, no helpers) on the config's first
+    `val_samples` samples, as `EvalResult.results` carries them (with the time each took)."""
+    results = []
+    n = cfg.data.val_samples
+    for tier in tiers:
+        neurons = build_neuron_set(cfg.model, tier, 0.0, 1, cfg.seed, step)
+        t0 = time.perf_counter()
+        val = evaluate(model, dataset, neurons, n, batch_size=max(1, min(8, n)))
+        results.append({"tier": tier, "ffn_width": neurons.prefix_width, "val_loss": val, "num_samples": n,
+                        "eval_time_s": round(time.perf_counter() - t0, 3)})
+    return results

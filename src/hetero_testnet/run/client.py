@@ -37,7 +37,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -45,6 +45,7 @@ import torch
 
 from hetero_testnet.run import protocol as P
 from hetero_testnet.config import RunConfig, parse_run_config
+from hetero_testnet.config.devices import DeviceProfile
 from hetero_testnet.data.shards import open_split
 from hetero_testnet.errors import ConfigError, PeerLostError, RunFailedError
 from hetero_testnet.events import format_kv
@@ -53,12 +54,14 @@ from hetero_testnet.exchange.group import FORM_GRACE_S, GradientExchange
 from hetero_testnet.exchange.modes import build_stepper
 from hetero_testnet.exchange.stepper import build_round_work
 from hetero_testnet.model.checkpoint import load_checkpoint, parameter_checksum, save_checkpoint
-from hetero_testnet.model.matformer import build_neuron_set, ffn_width
+from hetero_testnet.model.matformer import ffn_width
 from hetero_testnet.model.nanogpt import build_model
-from hetero_testnet.model.train import evaluate
+from hetero_testnet.model.train import evaluate_tiers
 from hetero_testnet.run.client_waits import (BackgroundSaver, RoundCancelled, StuckWatchdog, await_go,
                                              wait_for_formation)
+from hetero_testnet.run.connection import Connection
 from hetero_testnet.run.testhooks import DeathHooks
+from hetero_testnet.run.throttle import ComputeThrottle
 
 log = logging.getLogger("hetero_testnet")
 HEARTBEAT_INTERVAL_S = 1.0
@@ -79,6 +82,8 @@ class ClientOptions:
     """Override the config's data location (a client on another machine)."""
     coordinator_timeout_s: float = 15.0
     connect_timeout_s: float = 20.0
+    profile: DeviceProfile = field(default_factory=DeviceProfile)
+    """The device this client emulates: its compute speed (`run/throttle.py`) and link (the exchange's shaper)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class PendingUpdate:
 class Client:
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
-        self.conn: P.Connection | None = None
+        self.conn: Connection | None = None
         self.client_id: int | None = opts.client_id
         self.exchange: GradientExchange | None = None
         self.pending: PendingUpdate | None = None
@@ -102,14 +107,16 @@ class Client:
         """A message a wait read but did not consume: the main loop handles it next."""
         self.hooks = DeathHooks.from_env()
         self.saver = BackgroundSaver()
+        self.throttle = ComputeThrottle(opts.profile)
 
     # ------------------------------------------------------------------ setup
     def connect(self) -> P.Welcome:
         o = self.opts
-        self.conn = P.Connection.connect(o.coordinator_host, o.coordinator_port, o.connect_timeout_s)
+        self.conn = Connection.connect(o.coordinator_host, o.coordinator_port, o.connect_timeout_s)
         self.conn.send(P.Hello(token=o.token, client_id=self.client_id, tier=o.tier,
                                helper_fraction=o.helper_fraction, helper_rotation_interval=o.helper_rotation_interval,
-                               pid=os.getpid(), host=socket.gethostname(), device=o.device, threads=o.threads))
+                               pid=os.getpid(), host=socket.gethostname(), device=o.device, threads=o.threads,
+                               profile=o.profile.to_dict() if o.profile != DeviceProfile() else {}))
         reply = self.conn.recv(o.connect_timeout_s)
         if isinstance(reply, P.Reject):
             raise ConfigError(f"coordinator refused this client: {reply.reason}")
@@ -146,8 +153,12 @@ class Client:
 
     def _build_stepper(self):
         o, w = self.opts, self.welcome
-        return build_stepper(w.sync, self.model, self.cfg, self.exchange, NetworkFaults.from_wire(w.fault), tier=o.tier,
+        return build_stepper(w.sync, self.model, self.cfg, self.exchange, self._link(w), tier=o.tier,
                              helper_fraction=o.helper_fraction, rotation_interval=o.helper_rotation_interval)
+
+    def _link(self, welcome: P.Welcome) -> NetworkFaults:
+        """The run's network faults (`Welcome.fault`; ProtocolError if malformed) then this client's own link."""
+        return NetworkFaults.from_wire(welcome.fault).combined(NetworkFaults.from_profile(self.opts.profile))
 
     # ------------------------------------------------------------------ the loop
     def _heartbeat_loop(self) -> None:
@@ -211,7 +222,7 @@ class Client:
     def _rejoin(self) -> None:
         self._close()
         self.welcome = welcome = self.connect()
-        self.stepper.sync.faults = NetworkFaults.from_wire(welcome.fault)
+        self.stepper.sync.faults = self._link(welcome)
         self.conn.send(P.Ready())
 
     def _close(self) -> None:
@@ -298,6 +309,7 @@ class Client:
                                 lambda start, count: self.train_data.batch(start, count).to(self.device),
                                 self.stepper.neurons)
         self.pending = None
+        self.round_throttle_s = 0.0  # set by the gate (`_ready`); a round without one was not held
         self.hooks.at("compute")
         t0 = time.perf_counter()
         self.exchange.arm_gate(lambda: self._ready(r, t0))
@@ -325,11 +337,15 @@ class Client:
                                  exchange_time_s=out.exchange_time_s, grad_norm=P.sanitize_float(out.grad_norm),
                                  nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20,
                                  bytes_sent=out.bytes_sent, bytes_received=out.bytes_received,
-                                 inner_steps=r.inner_steps, collective_time_s=self.exchange.collective_time_s))
+                                 inner_steps=r.inner_steps, collective_time_s=self.exchange.collective_time_s,
+                                 throttle_s=self.round_throttle_s))
 
     def _ready(self, r: P.Round, t0: float) -> None:
-        """The round's gate: report the compute done, wait for `Go`, take its collective timeout."""
-        self.conn.send(P.ComputeDone(step=r.step, generation=r.generation, compute_time_s=time.perf_counter() - t0))
+        """The round's gate: hold the round as a slower device would (`run/throttle.py`), report the
+        compute done, wait for `Go`, take its collective timeout."""
+        self.round_throttle_s = self.throttle.hold(time.perf_counter() - t0)
+        self.conn.send(P.ComputeDone(step=r.step, generation=r.generation, compute_time_s=time.perf_counter() - t0,
+                                     throttle_s=self.round_throttle_s))
         go = await_go(self.conn, r.step, self.opts.coordinator_timeout_s)
         self.exchange.op_timeout_s = go.exchange_timeout_s
         self.hooks.at("exchange")
@@ -353,17 +369,10 @@ class Client:
         self.conn.send(P.Applied(step=c.step, checksum=checksum, apply_time_s=time.perf_counter() - t0))
 
     def on_evaluate(self, e: P.Evaluate) -> None:
-        results = []
-        m = self.cfg.model
-        for tier in e.tiers:
-            neurons = build_neuron_set(m, tier, 0.0, 1, self.cfg.seed, e.step)
-            t0 = time.perf_counter()
-            val = evaluate(self.model, self.val_data, neurons, self.cfg.data.val_samples,
-                           batch_size=max(1, min(8, self.cfg.data.val_samples)))
-            results.append({"tier": tier, "ffn_width": neurons.prefix_width, "val_loss": val,
-                            "num_samples": self.cfg.data.val_samples, "client_id": self.client_id,
-                            "eval_time_s": round(time.perf_counter() - t0, 3)})
-            log.info(format_kv("val_loss", {"step": e.step, "matformer_tier": tier, "val_loss": val}))
+        results = evaluate_tiers(self.model, self.val_data, self.cfg, list(e.tiers), e.step)
+        for r in results:
+            r["client_id"] = self.client_id
+            log.info(format_kv("val_loss", {"step": e.step, "matformer_tier": r["tier"], "val_loss": r["val_loss"]}))
         self.conn.send(P.EvalResult(step=e.step, results=results))
 
     def on_save(self, s: P.SaveCheckpoint) -> None:
@@ -373,7 +382,6 @@ class Client:
             return
         save_checkpoint(Path(s.path), self.model, self.stepper.checkpoint_optimizer(), dict(s.meta))
         self.conn.send(P.Saved(step=s.step, path=s.path, checksum=parameter_checksum(self.model)))
-
 
     def _send_quietly(self, message: P.Message) -> None:
         """Send from a background thread; a lost connection is the main loop's business."""

@@ -34,6 +34,7 @@ from hetero_testnet.errors import PeerLostError
 from hetero_testnet.exchange.formation import AbandonedFormations
 from hetero_testnet.model.checkpoint import Checkpoint, parameter_checksum, save_checkpoint
 from hetero_testnet.run import protocol as P
+from hetero_testnet.run.connection import Connection
 
 log = logging.getLogger("hetero_testnet")
 
@@ -51,7 +52,7 @@ class RoundCancelled(PeerLostError):
         self.message = message
 
 
-def wait_for_formation(conn: P.Connection, done: threading.Event, deadline: float) -> P.Message | None:
+def wait_for_formation(conn: Connection, done: threading.Event, deadline: float) -> P.Message | None:
     """Until `done` is set or `deadline` (monotonic): None, or the first message that is not a ping."""
     while not done.is_set() and time.monotonic() < deadline:
         if conn.poll(POLL_S):
@@ -63,7 +64,7 @@ def wait_for_formation(conn: P.Connection, done: threading.Event, deadline: floa
     return None
 
 
-def await_go(conn: P.Connection, step: int, timeout_s: float) -> P.Go:
+def await_go(conn: Connection, step: int, timeout_s: float) -> P.Go:
     """The coordinator's `Go` for `step` (module docstring for what ends the wait otherwise)."""
     while True:
         message = conn.recv(timeout_s)

@@ -40,13 +40,16 @@ from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.optim import step_lr
 from hetero_testnet.run import protocol as P
-from hetero_testnet.run.inbox import Gathered, Inbox
+from hetero_testnet.run.capacity import CapacityLedger
+from hetero_testnet.run.inbox import Inbox
 from hetero_testnet.run.membership import Member, Membership
 from hetero_testnet.run.plan import CoordinatorOptions
-from hetero_testnet.run.readygo import FORM_TIMEOUT_S, REPLY_MARGIN_S, ExchangeTimeouts, accept_compute_done
+from hetero_testnet.run.readygo import (FORM_TIMEOUT_S, REPLY_MARGIN_S, ExchangeTimeouts, accept_compute_done,
+                                       round_failure)
 from hetero_testnet.run.recovery import Recovery, RecoveryPoint
 from hetero_testnet.run.records import StepRecords
 from hetero_testnet.run.rounds import RoundPlanner
+from hetero_testnet.run.shares import SharePlanner
 from hetero_testnet.run.schedule import due_after_commit, plan_validation, val_loss_key, validation_tiers
 from hetero_testnet.run.step_metrics import loss_by_tier
 from hetero_testnet.run.summary import RunTotals
@@ -88,6 +91,8 @@ class Coordinator:
                                                                                     step=self.totals.step))
         self.consecutive_discards = 0
         self.exchange_timeouts = ExchangeTimeouts(self.timing.max_round_train_time)
+        self.capacity = CapacityLedger(self.events, config.model, SharePlanner(options.shares, options.replan_every),
+                                       self.totals.started)
         self.recovery = Recovery(self.files, options.auto_checkpoint_every, RecoveryPoint(
             options.start_step, str(options.resume_checkpoint or "initial"), options.start_data_index,
             self.totals.tokens_seen, 0))
@@ -125,9 +130,6 @@ class Coordinator:
     @property
     def members(self) -> dict[int, Member]:
         return self.membership.members
-
-    def alive_members(self) -> list[Member]:
-        return self.membership.alive()
 
     # ------------------------------------------------------------------ phases
     async def wait_for_members(self) -> None:
@@ -212,23 +214,30 @@ class Coordinator:
         step, generation = self.totals.step, self.totals.generation
         members = [self.members[c] for c in self.generation_members]
         batch = self.timing.global_batch_size(self.totals.tokens_seen)
-        plan = self.rounds.plan(self.generation_members, step, self.timing.total_steps, batch, self.totals.data_index)
+        weights, replanned = self.capacity.weights(self.generation_members, step)
+        plan = self.rounds.plan(self.generation_members, step, self.timing.total_steps, batch, self.totals.data_index,
+                                weights)
+        self.capacity.start_round(plan, replanned)
         self.round_plan, self.reduced = plan, {}
         lr = step_lr(step, self.cfg.lr_schedule)
         t0 = time.monotonic()
         for m in members:
             m.send(plan.message(m.client_id, epoch=self.epoch, generation=generation))
-        ready = await self.inbox.gather(members, accept_compute_done(self.events, step, generation, t0),
+        ready = await self.inbox.gather(members, accept_compute_done(self.events, step, generation, t0,
+                                                                     self.capacity.ready),
                                         t0 + self.timing.max_round_train_time, step=step)
-        failure = self._failed(ready, step, f"round deadline ({self.timing.max_round_train_time:.0f} s)")
+        failure = round_failure(ready, self.membership, step,
+                                f"round deadline ({self.timing.max_round_train_time:.0f} s)")
         if failure is None:
             go = P.Go(step=step, generation=generation, exchange_timeout_s=self.exchange_timeouts.timeout_s)
             for m in members:
                 m.send(go)
+            self.capacity.go(time.monotonic() - t0)
             gathered = await self.inbox.gather(members, lambda m, message: self._reduced(m, message, step, lr),
                                                time.monotonic() + self.exchange_timeouts.reply_deadline_s, step=step)
             self.reduced = gathered.replies
-            failure = self._failed(gathered, step, f"exchange deadline ({go.exchange_timeout_s:g} s timeout)")
+            failure = round_failure(gathered, self.membership, step,
+                                    f"exchange deadline ({go.exchange_timeout_s:g} s timeout)")
         if failure is None and any(r.grad_norm is None or not math.isfinite(r.grad_norm)
                                    for r in self.reduced.values()):
             self.totals.counters["nan_inf_steps"] += 1
@@ -240,18 +249,10 @@ class Coordinator:
         self.commit(lr, batch, plan.inner_steps, time.monotonic() - t0)
         return True
 
-    def _failed(self, gathered: Gathered, step: int, deadline: str) -> str | None:
-        """Why a gather failed (None: it did not); at a timeout the late members are dropped."""
-        if not gathered.timed_out:
-            return gathered.failure
-        for m in gathered.late:
-            self.membership.drop(m, f"missed the {deadline} at step {step}", step=step)
-        return f"{deadline} missed by client(s) " + ", ".join(str(m.client_id) for m in gathered.late)
-
     def _reduced(self, member: Member, message: Any, step: int, lr: float) -> bool | str:
         """A member's `Reduced` for this step (recorded as its witness), or its failure."""
         if isinstance(message, P.Reduced) and message.step == step:
-            self.records.witness(member, message, epoch=self.epoch, lr=lr)
+            self.records.witness(member, message, epoch=self.epoch, lr=lr, wait_s=self.capacity.wait_s(member.client_id))
             return True
         if isinstance(message, P.RoundFailed) and message.generation == self.totals.generation:
             return f"client {member.client_id} failed step {step}: {message.reason}"
@@ -291,6 +292,8 @@ class Coordinator:
         totals.tokens_seen += inner_steps * batch * self.cfg.model.max_seq_len
         totals.train_time_s += elapsed
         tiers = {c: self.members[c].tier for c in self.reduced}
+        flops = self.capacity.committed(self.reduced, tiers, elapsed, steps_done=step + inner_steps,
+                                        tokens_trained=totals.tokens_trained)
         self.events.emit(Event.STEP_COMMITTED, step=step, epoch=self.epoch, generation=totals.generation, lr=lr,
                          loss_by_tier=loss_by_tier(self.reduced, tiers), tokens=tokens, step_wall_s=round(elapsed, 6),
                          tokens_per_sec=round(tokens / elapsed, 1) if elapsed > 0 else 0.0, inner_steps=inner_steps,
@@ -298,7 +301,8 @@ class Coordinator:
                          sample_start=totals.data_index, sample_count=inner_steps * batch,
                          samples={str(c): [[r.start, r.count] for r in w.all_ranges()]
                                   for c, w in self.round_plan.work.items()},
-                         exchange_timeout_s=self.exchange_timeouts.timeout_s)
+                         exchange_timeout_s=self.exchange_timeouts.timeout_s, flops=flops,
+                         flops_trained=self.capacity.flops_trained)
         totals.step += inner_steps
         totals.data_index += inner_steps * batch
         self.rounds.committed(step)

@@ -56,6 +56,10 @@ CLIENT_EXIT_WAIT_S = 5.0
 """After the coordinator: time for the clients to leave by themselves (it told them to) before SIGKILL."""
 RESTART_EXIT_CODES = {75: "stuck past a hard deadline", 76: "killed by a test hook"}
 """Client exit codes that ask to be restarted (`run/client_waits.EXIT_STUCK`, `run/testhooks.EXIT_TEST_KILL`)."""
+EMULATION = {"speed": "duty cycle: each round's compute is held for (1/speed - 1) x its measured time (run/throttle.py)",
+             "link": "shaper in the exchange: latency + max(sent/uplink, received/downlink) + lost packets x RTT, "
+                     "charged on the bytes the collective moves (exchange/faults.py; no netem/tbf)"}
+"""What the summary says ran for an emulated client (`clients.<id>.emulation`)."""
 _ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
 """`state` events whose `new` state ends the run (Cooldown, Finished): no more kills or restarts."""
 
@@ -341,6 +345,12 @@ class Launcher:
             entry["exit_code"] = c.proc.returncode
             entry["kills"] = c.kills
             entry["restarts"] = c.restarts
+        for spec in self.plan.clients:  # what the plan gave each client, beside what the run measured
+            entry = summary.setdefault("clients", {}).setdefault(str(spec.client_id), {})
+            entry["profile"] = entry.get("profile") or spec.profile.to_dict()
+            entry["emulation"] = EMULATION if spec.profile.emulated else None
+            if spec.tier_reason is not None:
+                entry["tier_reason"] = spec.tier_reason
         summary["faults"] = {**self.fault_counts, **self.plan.faults.network()}
         if self.plan.faults.packet_loss:  # this launcher has no netem: the loss is the exchange's emulation
             summary["faults"]["packet_loss_mode"] = "emulated (one retransmission round trip per lost packet)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetero_testnet.config import RunConfig
+from hetero_testnet.config.devices import PROFILE_FIELDS, DeviceProfile
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.matformer import ffn_width
@@ -58,6 +59,8 @@ class Member:
     """It reported `Ready` (its model is built): only ready members are put into a generation."""
     joined_at: float = field(default_factory=time.monotonic)
     """When this connection was admitted (a member not ready yet is setting up since then)."""
+    profile: DeviceProfile | None = None
+    """The device it says it emulates (`Hello.profile`); None: this machine's own speed and link."""
 
     def send(self, message: P.Message) -> None:
         """Queue a message; a dead or closing connection is ignored (its loss is reported elsewhere)."""
@@ -113,6 +116,7 @@ class Membership:
                 self.tier_rule(hello.tier)
             check_helper_fraction(hello.helper_fraction,
                                   error=f"helper fraction {hello.helper_fraction} is outside [0, 1]")
+            profile = profile_from_hello(hello.profile)
         except ConfigError as e:
             reject(str(e))
             return None
@@ -128,7 +132,7 @@ class Membership:
                         helper_fraction=hello.helper_fraction, writer=writer, host=hello.host or str(peer),
                         pid=hello.pid, incarnation=(previous.incarnation + 1) if previous else 0,
                         state_step=step if holds_current_state else None,
-                        joins=(previous.joins + 1) if previous else 1)
+                        joins=(previous.joins + 1) if previous else 1, profile=profile)
         if previous is not None:
             member.steps_trained, member.nan_inf = previous.steps_trained, previous.nan_inf
             member.bytes_sent, member.bytes_received = previous.bytes_sent, previous.bytes_received
@@ -136,7 +140,8 @@ class Membership:
         self.members[client_id] = member
         self.events.emit(Event.CLIENT_JOINED, client_id=client_id, step=step, tier=hello.tier, ffn_width=width,
                          helper_fraction=hello.helper_fraction, pid=hello.pid, host=member.host,
-                         incarnation=member.incarnation, threads=hello.threads, device=hello.device)
+                         incarnation=member.incarnation, threads=hello.threads, device=hello.device,
+                         profile=profile.to_dict() if profile is not None else None)
         return member
 
     def mark_lost(self, member: Member, reason: str, *, step: int) -> None:
@@ -176,6 +181,21 @@ class Membership:
     def ready(self) -> list[Member]:
         """The live members that finished their setup (`Ready`): the ones a generation can include."""
         return [m for m in self.members.values() if m.alive and m.ready]
+
+
+def profile_from_hello(raw: dict[str, Any]) -> DeviceProfile | None:
+    """A joiner's `Hello.profile`, validated like a config's (ConfigError names what is wrong);
+    None for {} (no emulation)."""
+    if not raw:
+        return None
+    fields = dict(raw)
+    name = fields.pop("name", "client")
+    if not isinstance(name, str):
+        raise ConfigError("device profile name must be a string")
+    unknown = sorted(str(k) for k in fields if k not in PROFILE_FIELDS)
+    if unknown:
+        raise ConfigError(f"device profile has unknown field(s) {', '.join(unknown)}")
+    return DeviceProfile(name=name, **fields)
 
 
 def tier_rule(config: RunConfig, sync: str) -> Callable[[int], None] | None:

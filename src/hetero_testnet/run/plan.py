@@ -25,7 +25,10 @@ from typing import Any
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.run.sync_flags import SyncFlags, apply_sync_flags, check_sync, check_sync_tiers
+from hetero_testnet.config.devices import DeviceProfile
 from hetero_testnet.run.devices import assign_devices
+from hetero_testnet.run.profiles import ProfileFlags, auto_tiers, client_profiles, profile_args
+from hetero_testnet.run.shares import DEFAULT_REPLAN_EVERY, DEFAULT_SHARES, check_shares
 from hetero_testnet.rundir import RunDir
 
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
@@ -46,6 +49,10 @@ class ClientSpec:
     rotation_interval: int
     device: str = "cpu"
     """Where it trains (`run/devices.py`: `--device` cycled over the clients, `cuda` spread over GPUs)."""
+    profile: DeviceProfile = field(default_factory=DeviceProfile)
+    """The device it emulates (`run/profiles.py`): compute speed and link."""
+    tier_reason: str | None = None
+    """Why `--tiers auto` gave it this tier (None: the tier was given)."""
 
 
 @dataclass
@@ -96,6 +103,9 @@ class LaunchPlan:
     """The store address clients are told (`--advertise-host`; default: the bind address)."""
     gloo_ifname: str | None = None
     """Set as GLOO_SOCKET_IFNAME for the clients (`--gloo-ifname`)."""
+    shares: str = DEFAULT_SHARES
+    """How the coordinator splits the global batch (`run/shares.py`)."""
+    replan_every: int = DEFAULT_REPLAN_EVERY
 
     def coordinator_args(self, listen_fd: int) -> list[str]:
         """`testnet coordinator ...` arguments; it inherits the listening socket as `listen_fd`."""
@@ -118,13 +128,16 @@ class LaunchPlan:
             args += ["--auto-checkpoint-every", str(self.auto_checkpoint_every)]
         if self.advertise_host:
             args += ["--advertise-host", self.advertise_host]
+        if self.shares != DEFAULT_SHARES:
+            args += ["--shares", self.shares, "--replan-every", str(self.replan_every)]
         return args
 
     def client_args(self, spec: ClientSpec, address: str) -> list[str]:
         """`testnet client ...` arguments for one client joining the coordinator at `address`."""
         return ["client", "--coordinator", address, "--client-id", str(spec.client_id), "--tier", str(spec.tier),
                 "--helper-fraction", str(spec.helper_fraction), "--helper-rotation-interval",
-                str(spec.rotation_interval), "--threads", str(self.threads_per_client), "--device", spec.device]
+                str(spec.rotation_interval), "--threads", str(self.threads_per_client), "--device", spec.device,
+                *profile_args(spec.profile)]
 
 
 @dataclass
@@ -149,6 +162,9 @@ class CoordinatorOptions:
     advertise_host: str | None = None
     """The address clients are told to reach the store at (default: the bind address; required
     in practice when binding 0.0.0.0, else the hostname is used)."""
+    shares: str = DEFAULT_SHARES
+    """`equal` or `proportional` batch shares (`run/shares.py`)."""
+    replan_every: int = DEFAULT_REPLAN_EVERY
 
 
 # ----------------------------------------------------------------- rules shared by the commands
@@ -213,7 +229,9 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
                 sync: str | None = None, sync_flags: SyncFlags = SyncFlags(), bind: str = "127.0.0.1", server_port: int = 20000,
                 device: str = "cpu", threads: int | None = None, min_clients: int | None = None,
                 checkpoint_every: int = 0, exit_after_s: float | None = None, faults: FaultPlan | None = None,
-                command_line: str = "", cores: int | None = None, now: datetime | None = None) -> LaunchPlan:
+                command_line: str = "", cores: int | None = None, now: datetime | None = None,
+                profiles: ProfileFlags = ProfileFlags(), auto_tier: bool = False, shares: str = DEFAULT_SHARES,
+                replan_every: int = DEFAULT_REPLAN_EVERY) -> LaunchPlan:
     """Check `testnet start`'s input and plan the run; raises ConfigError (exit 2) on bad input.
 
     `tiers`, `helper_fractions` and `rotation_intervals` cycle over the clients (empty: 0, 0.0, 16).
@@ -222,7 +240,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     (`cores`: this machine's). `faults.seed` is replaced by the run's seed. `now` names a run
     without `name`. `device` must already be resolved (cpu, cuda, mps). `sync` (or `sync_flags.sync`;
     None: the config's mode) and the mode flags go into the config (`run/sync_flags.py`). Reads the
-    config, the checkpoint's metadata and the data shards' headers; writes nothing.
+    config, the checkpoint's metadata and the data shards' headers; writes nothing. `profiles` and
+    `auto_tier` (`--tiers auto`, then `tiers` is ignored): `run/profiles.py`; `shares`: `run/shares.py`.
     """
     if num_clients < 1:
         raise ConfigError(f"--num-clients must be >= 1 (got {num_clients})")
@@ -238,7 +257,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     cfg, resume_checkpoint = _resolve_config(resume, config_path, seed=seed, data_seed=data_seed,
                                              total_steps=total_steps)
     cfg = apply_sync_flags(cfg, sync_flags, resumed=resume is not None)
-    specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals)
+    specs = _client_specs(cfg, num_clients, tiers, helper_fractions, rotation_intervals, profiles, auto_tier)
+    check_shares(shares, replan_every)
     backend = assign_devices(specs, device)
     check_sync_tiers(cfg, [s.tier for s in specs])
     _check_min_clients(cfg, num_clients, min_clients)
@@ -254,7 +274,8 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
                       server_port=server_port,
                       device=device, backend=backend, threads_per_client=per_client, exit_after_s=exit_after_s,
                       min_clients=min_clients, checkpoint_every=checkpoint_every,
-                      resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line)
+                      resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line, shares=shares,
+                      replan_every=replan_every)
 
 
 def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None, data_seed: int | None,
@@ -282,15 +303,18 @@ def _from_init_checkpoint(cfg: RunConfig) -> tuple[RunConfig, Path]:
 
 
 def _client_specs(cfg: RunConfig, num_clients: int, tiers: Sequence[int], fractions: Sequence[float],
-                  intervals: Sequence[int]) -> list[ClientSpec]:
+                  intervals: Sequence[int], profile_flags: ProfileFlags, auto_tier: bool) -> list[ClientSpec]:
     from hetero_testnet.model.matformer import ffn_width
 
+    profiles = client_profiles(cfg.devices, num_clients, profile_flags)
+    chosen = auto_tiers(cfg.model, profiles) if auto_tier else None
     specs = []
     for i in range(num_clients):
-        tier = cycle(tiers, i, 0)
+        tier = chosen[i].tier if chosen else cycle(tiers, i, 0)
         ffn_width(cfg.model.intermediate_size, tier)  # the tier must leave FFN neurons at this width
         specs.append(ClientSpec(client_id=i + 1, tier=tier, helper_fraction=cycle(fractions, i, 0.0),
-                                rotation_interval=cycle(intervals, i, DEFAULT_ROTATION_INTERVAL)))
+                                rotation_interval=cycle(intervals, i, DEFAULT_ROTATION_INTERVAL),
+                                profile=profiles[i], tier_reason=chosen[i].reason if chosen else None))
     return specs
 
 
@@ -351,7 +375,8 @@ def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str 
                      device: str = "cpu", backend: str | None = None, min_clients: int | None = None,
                      checkpoint_every: int = 0, resume_checkpoint: Path | None = None, seed: int | None = None,
                      data_seed: int | None = None, total_steps: int | None = None, network: FaultPlan | None = None,
-                     listen_fd: int | None = None, sync_flags: SyncFlags = SyncFlags()
+                     listen_fd: int | None = None, sync_flags: SyncFlags = SyncFlags(),
+                     shares: str = DEFAULT_SHARES, replan_every: int = DEFAULT_REPLAN_EVERY
                      ) -> tuple[RunConfig, CoordinatorOptions]:
     """The config and options of one coordinator; raises ConfigError on bad input.
 
@@ -370,4 +395,5 @@ def plan_coordinator(*, config_path: Path, run_dir: Path, token: str, bind: str 
         backend=backend or ("nccl" if device.startswith("cuda") else "gloo"), min_clients=min_clients,
         checkpoint_every=checkpoint_every,
         resume_checkpoint=resume_checkpoint.resolve() if resume_checkpoint else None, start_step=start_step,
-        start_data_index=data_index, listen_fd=listen_fd, fault=(network or FaultPlan()).network())
+        start_data_index=data_index, listen_fd=listen_fd, fault=(network or FaultPlan()).network(),
+        shares=check_shares(shares, replan_every), replan_every=replan_every)

@@ -22,10 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import select
-import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -60,6 +57,8 @@ class Hello(Message):
     host: str = ""
     device: str = "cpu"
     threads: int = 1
+    profile: dict[str, Any] = field(default_factory=dict)
+    """The device the client emulates (`config/devices.DeviceProfile.to_dict`; {} = this machine's own)."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +101,8 @@ class Reduced(Message):
     bytes_received: int = 0
     inner_steps: int = 1
     """Steps the round covered (its `Round.inner_steps`): per-step figures divide by it."""
+    throttle_s: float = 0.0
+    """Seconds the round was held back to emulate a slower device (`run/throttle.py`); not in compute_time_s."""
 
 
 @dataclass(kw_only=True)
@@ -112,6 +113,9 @@ class ComputeDone(Message):
     step: int
     generation: int
     compute_time_s: float
+    """From the round's start to now: the measured compute plus `throttle_s`."""
+    throttle_s: float = 0.0
+    """The part of it that emulated a slower device (`run/throttle.py`)."""
 
 
 @dataclass(kw_only=True)
@@ -339,62 +343,3 @@ def sanitize_float(x: float | None) -> float | None:
     if x is None or x != x or x in (float("inf"), float("-inf")):
         return None
     return float(x)
-
-
-class Connection:
-    """A blocking, framed connection (the client side). Every receive has a deadline."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._send_lock = threading.Lock()  # the heartbeat thread sends too
-
-    @classmethod
-    def connect(cls, host: str, port: int, timeout_s: float) -> "Connection":
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout_s)
-        except OSError as e:
-            raise PeerLostError(f"cannot reach coordinator at {host}:{port}: {e}") from e
-        return cls(sock)
-
-    def send(self, message: Message) -> None:
-        data = encode(message)
-        try:
-            with self._send_lock:
-                self.sock.sendall(data)
-        except OSError as e:
-            raise PeerLostError(f"connection to coordinator lost while sending: {e}") from e
-
-    def _recv_exact(self, n: int) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < n:
-            chunk = self.sock.recv(n - len(chunks))
-            if not chunk:
-                raise PeerLostError("coordinator closed the connection")
-            chunks += chunk
-        return bytes(chunks)
-
-    def poll(self, timeout_s: float) -> bool:
-        """True when a message (or the connection's end) is waiting to be read (`recv` then returns at once)."""
-        try:
-            readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
-        except (OSError, ValueError):
-            return True  # a closed socket: let recv report it
-        return bool(readable)
-
-    def recv(self, timeout_s: float | None) -> Message:
-        """Next message; `PeerLostError` on EOF, reset, or no message within `timeout_s`."""
-        self.sock.settimeout(timeout_s)
-        try:
-            length = frame_length(self._recv_exact(HEADER_BYTES))
-            return decode_body(self._recv_exact(length))
-        except socket.timeout as e:
-            raise PeerLostError(f"no message from the coordinator within {timeout_s:.0f} s") from e
-        except OSError as e:
-            raise PeerLostError(f"connection to coordinator lost: {e}") from e
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass

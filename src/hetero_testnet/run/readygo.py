@@ -35,7 +35,8 @@ from typing import Any
 
 from hetero_testnet.events import Event, EventWriter
 from hetero_testnet.run import protocol as P
-from hetero_testnet.run.membership import Member
+from hetero_testnet.run.inbox import Gathered
+from hetero_testnet.run.membership import Member, Membership
 
 EXCHANGE_TIMEOUT_FLOOR_S = 4.0
 """Added to every derived exchange timeout: scheduling noise on a loaded machine (2 cores, 4 processes)."""
@@ -77,15 +78,29 @@ class ExchangeTimeouts:
         return self.timeout_s + rest + REPLY_MARGIN_S
 
 
-def accept_compute_done(events: EventWriter, step: int, generation: int,
-                        round_started: float) -> Callable[[Member, Any], bool | str]:
+def round_failure(gathered: Gathered, membership: Membership, step: int, deadline: str) -> str | None:
+    """Why a round's gather failed (None: it did not); at a timeout the late members are dropped."""
+    if not gathered.timed_out:
+        return gathered.failure
+    for m in gathered.late:
+        membership.drop(m, f"missed the {deadline} at step {step}", step=step)
+    return f"{deadline} missed by client(s) " + ", ".join(str(m.client_id) for m in gathered.late)
+
+
+def accept_compute_done(events: EventWriter, step: int, generation: int, round_started: float,
+                        on_ready: Callable[[Member, P.ComputeDone, float], None] | None = None
+                        ) -> Callable[[Member, Any], bool | str]:
     """`Inbox.gather`'s accept for the Ready half: a `ComputeDone` of this round (recorded as a
-    `compute_done` event), or the member's `RoundFailed`."""
+    `compute_done` event and handed to `on_ready(member, message, ready_after_s)`), or the member's
+    `RoundFailed`."""
     def accept(member: Member, message: Any) -> bool | str:
         if isinstance(message, P.ComputeDone) and message.step == step and message.generation == generation:
+            ready_after = time.monotonic() - round_started
             events.emit(Event.COMPUTE_DONE, client_id=member.client_id, step=step, generation=generation,
                         tier=member.tier, compute_time_s=round(message.compute_time_s, 6),
-                        ready_after_s=round(time.monotonic() - round_started, 6), log=False)
+                        emulated_s=round(message.throttle_s, 6), ready_after_s=round(ready_after, 6), log=False)
+            if on_ready is not None:
+                on_ready(member, message, ready_after)
             return True
         if isinstance(message, P.RoundFailed) and message.generation == generation:
             return f"client {member.client_id} failed step {step}: {message.reason}"

@@ -39,15 +39,17 @@ class StepRecords:
         self.pending_metrics: dict[tuple[int, int], dict[str, Any]] = {}
         """(step, client id) -> `client_step` fields, waiting for the member's `Applied`."""
 
-    def witness(self, member: Member, r: P.Reduced, *, epoch: int, lr: float) -> None:
+    def witness(self, member: Member, r: P.Reduced, *, epoch: int, lr: float, wait_s: float | None = None) -> None:
         """A member's `Reduced` for the current step: its `client_reduced` event, the reference's
-        witness log line, and its `client_step` fields parked until it reports the step applied."""
+        witness log line, and its `client_step` fields parked until it reports the step applied
+        (`wait_s`: how long it waited at the Ready->Go barrier for the slowest member)."""
         self.events.emit(Event.CLIENT_REDUCED, client_id=member.client_id, step=r.step, log=False, loss=r.loss,
                          compute_time_s=round(r.compute_time_s, 6), exchange_time_s=round(r.exchange_time_s, 6))
         log.info("%s", witness_line(member.client_id, member.tier, r))
         if r.nan_inf:
             member.nan_inf += 1
-        self.pending_metrics[(r.step, member.client_id)] = witness_metrics(r, tier=member.tier, epoch=epoch, lr=lr)
+        self.pending_metrics[(r.step, member.client_id)] = {
+            **witness_metrics(r, tier=member.tier, epoch=epoch, lr=lr), "wait_s": wait_s}
 
     def forget_step(self, step: int) -> None:
         """A discarded step is never applied: drop its parked metrics."""

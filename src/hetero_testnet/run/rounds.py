@@ -15,12 +15,13 @@ A pure decision, kept out of the coordinator's loop so it can be tested without 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hetero_testnet.config import RunConfig
 from hetero_testnet.run import protocol as P
 from hetero_testnet.run.assignment import SampleRange, assign_samples
+from hetero_testnet.run.shares import split_batch
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class RoundPlanner:
         return max(1, min(self.inner_steps, total_steps - step))
 
     def plan(self, member_ids: Sequence[int], step: int, total_steps: int, batch: int,
-             data_index: int) -> RoundPlan:
-        """The round at `step` for `member_ids`; `batch` sequences per step from `data_index`."""
+             data_index: int, weights: Mapping[int, float] | None = None) -> RoundPlan:
+        """The round at `step` for `member_ids`; `batch` sequences per step from `data_index`, split in
+        proportion to `weights` (`run/shares.py`) or equally (None)."""
         last = self.last
         if self.keep_on_retry and last is not None and last.step == step:
             kept = sorted(c for c in member_ids if c in last.work)
@@ -82,7 +84,9 @@ class RoundPlanner:
                 self.last = self._repeat(last, member_ids, kept)
                 return self.last
         inner = self.steps_in_round(step, total_steps)
-        ranges = assign_samples(list(member_ids), inner * batch, data_index, seed=self.seed, step=step)
+        counts = split_batch(inner * batch, {c: weights[c] for c in member_ids}) if weights is not None else None
+        ranges = assign_samples(list(member_ids), inner * batch, data_index, seed=self.seed, step=step,
+                                counts=counts)
         self.last = RoundPlan(step, inner, {c: MemberWork(r) for c, r in ranges.items()})
         return self.last
 

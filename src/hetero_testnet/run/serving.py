@@ -25,6 +25,7 @@ from hetero_testnet.events import Event, RunState
 from hetero_testnet.run import protocol as P
 from hetero_testnet.run.coordinator import Coordinator
 from hetero_testnet.run.plan import CoordinatorOptions
+from hetero_testnet.run.schedule import val_loss_key
 from hetero_testnet.run.summary import build_summary
 from hetero_testnet.rundir import read_json_or_none, write_json_atomic
 
@@ -112,8 +113,9 @@ def _bound_socket(host: str) -> int:
 async def _finish(c: Coordinator, status: str, reason: str) -> None:
     """The summary, `run_finished`, and a `Shutdown` to every member (flushed, bounded)."""
     c.set_state(RunState.FINISHED)
+    curve = c.capacity.val_curve(c.records.eval_results, lambda r: val_loss_key(r, c.opts.sync))
     summary = build_summary(c.totals, c.members.values(), cfg=c.cfg, run_dir=c.files, sync=c.opts.sync,
-                            status=status, reason=reason)
+                            status=status, reason=reason, capacity=c.capacity, val_curve=curve)
     write_json_atomic(c.files.summary, summary)
     asked = status == "interrupted" and c.files.stop_request.is_file()  # a stop someone asked for
     c.events.emit(Event.RUN_FINISHED, step=c.totals.step, status=status, reason=reason,
@@ -121,10 +123,10 @@ async def _finish(c: Coordinator, status: str, reason: str) -> None:
                   replicas_identical=summary["replicas_identical"], final_val_loss=c.totals.val_losses,
                   stop_requested=True if asked else None,
                   level=logging.INFO if status == "finished" else logging.WARNING if asked else logging.ERROR)
-    for m in c.alive_members():
+    for m in c.membership.alive():
         m.send(P.Shutdown(reason=reason, status=status))
     await asyncio.sleep(0)
-    for m in c.alive_members():
+    for m in c.membership.alive():
         try:
             await asyncio.wait_for(m.writer.drain(), GOODBYE_DRAIN_S)
             m.writer.close()
@@ -151,5 +153,5 @@ def _toggle_pause(c: Coordinator) -> None:
 async def _ping_loop(c: Coordinator) -> None:
     while True:
         await asyncio.sleep(PING_INTERVAL_S)
-        for m in c.alive_members():
+        for m in c.membership.alive():
             m.send(P.Ping(state=c.state))

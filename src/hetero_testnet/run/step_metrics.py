@@ -12,8 +12,9 @@ from typing import Any
 
 from hetero_testnet.run import protocol as P
 def tokens_per_sec(r: P.Reduced) -> float:
-    """The client's own rate: its tokens over its compute and exchange time (0 when unmeasured)."""
-    step_time = r.compute_time_s + r.exchange_time_s
+    """The client's own rate: its tokens over its compute (with the emulated hold of its device
+    profile) and exchange time (0 when unmeasured)."""
+    step_time = r.compute_time_s + r.throttle_s + r.exchange_time_s
     return r.tokens / step_time if step_time > 0 else 0.0
 
 
@@ -29,7 +30,8 @@ def witness_metrics(r: P.Reduced, *, tier: int, epoch: int, lr: float) -> dict[s
     return dict(
         epoch=epoch, generation=r.generation, tier=tier, ffn_width=r.ffn_width,
         helper_neurons=r.helper_neurons, loss=r.loss, tokens=r.tokens, trained_batches=r.trained_batches,
-        step_time_s=round(r.compute_time_s + r.exchange_time_s, 6), compute_time_s=round(r.compute_time_s, 6),
+        step_time_s=round(r.compute_time_s + r.throttle_s + r.exchange_time_s, 6),
+        compute_time_s=round(r.compute_time_s, 6), emulated_s=round(r.throttle_s, 6),
         exchange_time_s=round(r.exchange_time_s, 6), grad_norm=r.grad_norm, lr=lr, nan_inf=r.nan_inf,
         rss_mb=r.rss_mb, tokens_per_sec=round(tokens_per_sec(r), 1), inner_steps=r.inner_steps,
         bytes_sent=r.bytes_sent, bytes_received=r.bytes_received)

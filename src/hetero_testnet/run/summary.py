@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetero_testnet.config import RunConfig, shares_model
+from hetero_testnet.run.capacity import CapacityLedger
 from hetero_testnet.run.membership import Member
 from hetero_testnet.rundir import RunDir
 
@@ -52,7 +53,10 @@ class RunTotals:
 
 
 def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfig, run_dir: RunDir, sync: str,
-                  status: str, reason: str) -> dict[str, Any]:
+                  status: str, reason: str, capacity: CapacityLedger | None = None,
+                  val_curve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """summary.json (docs/events.md); `capacity` adds the per-client timings, shares, utilisation
+    and FLOPs (`run/capacity.py`), `val_curve` the validation losses against wall time, tokens, FLOPs."""
     wall = time.time() - totals.started
     clients = {}
     finals = []
@@ -62,6 +66,8 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
             "steps_trained": m.steps_trained, "final_train_loss": m.last_loss, "nan_inf_count": m.nan_inf,
             "joins": m.joins, "connected_at_end": m.alive, "exit_code": None,
             **bytes_per_client(m),
+            "profile": m.profile.to_dict() if m.profile is not None else None,
+            **(capacity.member_summary(m.client_id) if capacity is not None else {}),
         }
         if m.last_loss is not None:
             finals.append(m.last_loss)
@@ -86,6 +92,10 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
         "restores": counters["restores"], "replayed_steps": counters["replayed_steps"],
         "time_lost_s": round(totals.lost_time_s, 3),
         "checkpoint": str(run_dir.checkpoint) if totals.step in totals.saved_steps else None,
+        "shares": capacity.shares.mode if capacity is not None else None,
+        "utilisation": capacity.utilisation if capacity is not None else None,
+        "flops_trained": capacity.flops_trained if capacity is not None else None,
+        "val_curve": val_curve or [],
         "clients": clients,
     }
 
