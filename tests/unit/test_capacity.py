@@ -229,3 +229,27 @@ def test_the_ledger_measures_waits_idle_shares_utilisation_and_flops():
                              lambda r: f"tier{r['tier']}")
     assert curve[0] == {"step": 0, "wall_s": None, "tokens": 0, "flops": 0, "val_loss": {"tier0": 9.0}}
     assert curve[1]["tokens"] == 1024 and curve[1]["flops"] == flops and curve[1]["val_loss"] == {"tier0": 8.0}
+
+
+def test_the_link_delay_is_exchange_time_after_the_ready_go_gate():
+    """A slow link must never count as compute (the shares follow compute): the strategy passes the
+    round's gate first, then holds for the link, then runs the collective."""
+    import time
+
+    import torch
+
+    from hetero_testnet.exchange.strategies import AllReduceSync
+    from thread_group import FakeExchange, ThreadGroup
+
+    log: list[tuple[str, float]] = []
+
+    class Recording(FakeExchange):
+        def pass_gate(self) -> None:
+            log.append(("gate", time.perf_counter()))
+
+        def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+            log.append(("collective", time.perf_counter()))
+
+    sync = AllReduceSync(Recording(ThreadGroup(1), 0), NetworkFaults(latency_ms=50))
+    assert sync.exchange_buffer(torch.zeros(4)) == pytest.approx(0.05)
+    assert [k for k, _ in log] == ["gate", "collective"] and log[1][1] - log[0][1] >= 0.05

@@ -72,6 +72,11 @@ class FakeExchange:
         self.group, self.rank, self.world_size = group, rank, group.world
         self.active = True
         self.generation = 0
+        self.gates_passed = 0
+
+    def pass_gate(self) -> None:
+        """The Ready->Go gate the strategies pass before their link delay (nothing to wait for here)."""
+        self.gates_passed += 1
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         parts = self.group._meet(self.rank, tensor.clone())

@@ -16,7 +16,9 @@ a new one is a subclass here plus one line in that registry.
 - `diloco`: `allreduce` of the pseudo-gradient buffer once per round (`exchange/diloco_stepper.py`),
   optionally with the gradient part as bfloat16 on the wire.
 
-Bytes and the network faults: each strategy charges `NetworkFaults.delay_s` on the bytes this rank
+Bytes and the network faults: each strategy first passes the round's Ready->Go gate (so a slow link
+is exchange time, never compute time: the compute-done timings that batch shares follow stay the
+device's compute), then charges `NetworkFaults.delay_s` on the bytes this rank
 sends: for `allreduce` 2 (W-1)/W (a ring, `sent_bytes`) of what it puts on the wire (`wire_bytes`,
 the float32 buffer), nothing alone; `diloco` the same of its buffer (bf16 part halved); `demo` (W-1)
 payloads, what one rank sends in an all_gather.
@@ -95,6 +97,7 @@ class AllReduceSync(SyncStrategy):
         return (self.exchange.rank if world > 1 else 0), world
 
     def exchange_buffer(self, buffer: torch.Tensor) -> float:
+        self.exchange.pass_gate()  # the compute is done (Ready->Go): the link's time is exchange time
         delay = self.faults.delay_s(self.sent_bytes(self.wire_bytes(buffer)), self.rng)  # what this rank sends
         if delay > 0:
             time.sleep(delay)  # fault injection: the link is slow, nothing waits on anything
@@ -132,6 +135,7 @@ class DiLoCoSync(AllReduceSync):
     def exchange_buffer(self, buffer: torch.Tensor) -> float:
         if not self.bf16:
             return super().exchange_buffer(buffer)
+        self.exchange.pass_gate()
         delay = self.faults.delay_s(self.sent_bytes(self.wire_bytes(buffer)), self.rng)
         if delay > 0:
             time.sleep(delay)  # fault injection, as in allreduce
@@ -169,6 +173,7 @@ class DemoSync(SyncStrategy):
 
     def all_gather(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         """(every rank's payload in rank order, the injected fault delay in seconds)."""
+        self.exchange.pass_gate()
         delay = self.faults.delay_s(self.payload_bytes_sent(payload), self.rng)
         if delay > 0:
             time.sleep(delay)  # fault injection: the link is slow, nothing waits on anything
