@@ -180,7 +180,17 @@ def test_client_row_columns():
     row = snap.clients[2]
     assert (row.helper_neurons, row.last_loss, row.step_time_s, row.rss_mb) == (8, 5.4321, 0.5, 321.4)
     text = render_text(snap, now=5.0, view=View(), width=100, height=30)
-    assert re.search(r"│\s+2\s+1\s+50%\s+8\s+training\s+5\.4321\s+0\.500\s+100\s+-\s+321\s+0\s+│", text), text
+    assert re.search(r"│\s+2\s+1\s+50%\s+8\s+training\s+5\.4321\s+0\.500\s+100\s+-\s+-\s+321\s+0\s+│", text), text
+
+
+def test_idle_share_is_the_round_time_not_computing():
+    """idle = waiting for the slowest + exchanging, over the rounds seen (compute includes an emulated hold)."""
+    steps = [ev("client_step", 4.0 + s, step=s, client_id=1, tier=0, ffn_width=64, loss=5.0, tokens=50,
+                compute_time_s=0.5, emulated_s=0.5, wait_s=0.2, exchange_time_s=0.8, step_time_s=1.8) for s in range(2)]
+    snap = build_snapshot(started() + steps)
+    assert snap.clients[1].idle_pct == pytest.approx(50.0)
+    text = render_text(snap, now=7.0, view=View(), width=100, height=30)
+    assert re.search(r"│\s+1\s+0\s+100%\s+-\s+training\s+5\.0000\s+1\.800\s+-\s+50%\s", text), text
 
 
 def test_nan_loss_is_a_warning_and_a_dash():

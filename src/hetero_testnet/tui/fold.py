@@ -187,6 +187,11 @@ def _on_client_step(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -
     row.step_time_s = _num(e.get("step_time_s"))
     row.tokens_per_sec = _num(e.get("tokens_per_sec"))
     row.rss_mb = _num(e.get("rss_mb"), row.rss_mb)
+    busy, wait, exchange = _num(e.get("compute_time_s")), _num(e.get("wait_s")), _num(e.get("exchange_time_s"))
+    if busy is not None and wait is not None and exchange is not None:  # events before issue 12 lack wait_s
+        busy += _num(e.get("emulated_s")) or 0.0
+        row.busy_s += busy
+        row.round_s += busy + wait + exchange
     sent = _num(e.get("bytes_sent"))
     if sent is not None:
         row.sent_mb_per_step = sent / max(1, int(e.get("inner_steps") or 1)) / 1e6

@@ -80,12 +80,13 @@ def render_header(snap: RunSnapshot, *, now: float, view: View) -> Panel:
 
 
 def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> RenderableType:
-    """One row per client: id, tier, FFN width %, helpers, state, loss, step time, tokens/s, MB sent per step,
-    RSS, restarts."""
-    table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1))
-    for name, justify in (("client", "right"), ("tier", "right"), ("FFN", "right"), ("helpers", "right"),
+    """One row per client: id, tier, FFN width %, helper neurons (help), state, loss, step time, tokens/s,
+    idle % (waiting for the slowest and exchanging, of its round time), MB sent per step, RSS (MB), restarts."""
+    table = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+    for name, justify in (("client", "right"), ("tier", "right"), ("FFN", "right"), ("help", "right"),
                           ("state", "left"), ("loss", "right"), ("step s", "right"), ("tok/s", "right"),
-                          ("MB/step", "right"), ("RSS MB", "right"), ("restarts", "right")):
+                          ("idle", "right"), ("MB/step", "right"), ("RSS", "right"), ("restarts", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     rows = sorted(snap.clients.values(), key=lambda r: r.client_id)
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max(1, max_rows - 1)]
@@ -95,10 +96,11 @@ def render_clients(snap: RunSnapshot, *, max_rows: int | None = None) -> Rendera
         restarts = str(r.restarts)
         table.add_row(str(r.client_id), tier, width, _fmt(r.helper_neurons, "d"),
                       Text(r.state, style=STATE_STYLES.get(r.state, "")), _fmt(r.last_loss, ".4f"),
-                      _fmt(r.step_time_s, ".3f"), _fmt(r.tokens_per_sec, ",.0f"), _fmt_mb(r.sent_mb_per_step),
+                      _fmt(r.step_time_s, ".3f"), _fmt(r.tokens_per_sec, ",.0f"), _fmt_pct(r.idle_pct),
+                      _fmt_mb(r.sent_mb_per_step),
                       _fmt(r.rss_mb, ",.0f"), restarts)
     if len(shown) < len(rows):
-        table.add_row("…", "", "", "", Text(f"{len(rows) - len(shown)} more", style="dim"), *[""] * 6)
+        table.add_row("…", "", "", "", Text(f"{len(rows) - len(shown)} more", style="dim"), *[""] * 7)
     if not rows:  # a placeholder outside the table, so it does not squeeze the columns
         return Group(table, Text("no client has joined yet", style="dim", justify="center"))
     return table
@@ -203,6 +205,10 @@ def _fmt_offset(seconds: float) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _fmt_pct(pct: float | None) -> str:
+    return "-" if pct is None else f"{pct:.0f}%"
 
 
 def _fmt_mb(mb: float | None) -> str:

@@ -65,6 +65,15 @@ class ClientRow:
     kills: int = 0
     joins: int = 0
     last_step: int | None = None
+    busy_s: float = 0.0
+    """Its compute over the rounds seen (measured + the emulated hold of its device profile)."""
+    round_s: float = 0.0
+    """Those rounds' time as it lived them: compute + hold + waiting for the slowest + exchange."""
+
+    @property
+    def idle_pct(self) -> float | None:
+        """Share of its round time not spent computing (waiting for the slowest, exchanging)."""
+        return 100.0 * (1.0 - self.busy_s / self.round_s) if self.round_s > 0 else None
 
     @property
     def width_pct(self) -> float | None:
