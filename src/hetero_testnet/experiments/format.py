@@ -42,3 +42,10 @@ def tier_name(t: int, kind: str) -> str:
     if kind == "val":
         return "tier 0 (full model)" if t == 0 else f"tier {t} submodel (FFN 1/{2 ** t})"
     return f"tier {t} clients"
+
+
+def md_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A Markdown table's lines."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out

@@ -12,7 +12,8 @@ import math
 
 from hetero_testnet.experiments.conclusions import conclusions
 from hetero_testnet.experiments.render_analysis import analysis_sections, reference_rows
-from hetero_testnet.experiments.format import NA, fmt, fmt_ci, fmt_p, tier_name
+from hetero_testnet.experiments.render_capacity import capacity_section
+from hetero_testnet.experiments.format import NA, fmt, fmt_ci, fmt_p, md_table, tier_name
 from hetero_testnet.experiments.report import DIFF_METRICS, PRIMARY_METRIC, ConfigResult, Report
 from hetero_testnet.experiments.spec import run_name
 from hetero_testnet.experiments.stats import ALPHA, Comparison, significance_word
@@ -22,6 +23,7 @@ def render_markdown(report: Report, plot_files: list[str]) -> str:
     sections = [_title(report), _setup(report), _reference_lines(report), *analysis_sections(report),
                 _final_losses(report),
                 *(_difference(report, metric) for metric in DIFF_METRICS), _paired(report), _health(report),
+                capacity_section(report),
                 _replicas(report), _runs(report), _plots(plot_files), _conclusions(report), _csv_columns()]
     return "\n".join(line for section in sections for line in section)
 
@@ -82,7 +84,7 @@ def _reference_lines(report: Report) -> list[str]:
              f"{refs.train_tokens:,}-token training split only (data `{refs.data_dir}`). A model at or above the "
              "unigram line has learned nothing a table of token frequencies does not know; below the bigram line "
              "it uses more than one token of context.", ""]
-    lines += _table(["reference", "val loss (nats/token)", "how"], reference_rows(refs))
+    lines += md_table(["reference", "val loss (nats/token)", "how"], reference_rows(refs))
     if refs.note:
         lines += ["", f"Note: {refs.note}."]
     return lines + [""]
@@ -102,7 +104,7 @@ def _final_losses(report: Report) -> list[str]:
         row += [fmt_ci(c.stat(f"val_loss_tier{t}")) + (" ‡" if c.sync == "none" and c.stat(f"val_loss_tier{t}").n
                                                        else "") for t in val_tiers]
         rows.append(row)
-    lines = ["## Final losses (mean ± 95% CI over seeds)", ""] + _table(header, rows)
+    lines = ["## Final losses (mean ± 95% CI over seeds)", ""] + md_table(header, rows)
     if any(c.sync == "none" for c in report.configs):
         lines += ["", "‡ `sync: none`: no shared model. The value is the mean over the independent replicas "
                   "that evaluated that tier (each client's own model); see *Independent replicas* below."]
@@ -127,7 +129,7 @@ def _difference(report: Report, metric: str) -> list[str]:
                      fmt_p(cp.p), fmt_p(holm_p), _mark(significance_word(cp, holm_p), cp),
                      _spread_word(report, label, metric, cp)])
     return [f"## Exploratory: difference vs baseline `{report.baseline}`, {what} (Welch)", ""] + \
-        _table(header, rows) + [""]
+        md_table(header, rows) + [""]
 
 
 def _paired(report: Report) -> list[str]:
@@ -155,7 +157,7 @@ def _paired(report: Report) -> list[str]:
         holm_p = report.paired_holm(PRIMARY_METRIC, label)
         rows.append([f"`{label}`", *deltas, str(cp.n_x), fmt(cp.diff, signed=True), _ci(cp), fmt_p(cp.p),
                      fmt_p(holm_p), _mark(significance_word(cp, holm_p), cp)])
-    return lines + _table(header, rows) + [""]
+    return lines + md_table(header, rows) + [""]
 
 
 def _health(report: Report) -> list[str]:
@@ -172,7 +174,7 @@ def _health(report: Report) -> list[str]:
                      fmt(h["grad_norm_max"], 3), h["clients_completed"], h["clients_crashed"],
                      h["client_drops"], h["steps_discarded"], h["client_nonzero_exits"],
                      c.runs_not_finished, c.failed_attempts])
-    return ["## Throughput and health", ""] + _table(header, rows) + [
+    return ["## Throughput and health", ""] + md_table(header, rows) + [
         "", "Train tokens/s = tokens of committed steps / their summed step wall time, leaving out rounds "
         "that began right after a periodic validation (clients validate synchronously); wall time is the "
         "coordinator's, start-up and validation included. Runs ran one after another on the same machine; "
@@ -195,7 +197,7 @@ def _replicas(report: Report) -> list[str]:
     return ["## Independent replicas (`sync: none`)", "",
             "Each client trained its own model on its own data (the reference's AdamW behaviour); "
             "there is no shared model. Final validation loss of every replica:", ""] + \
-        _table(["run", "client", "client's training tier", "evaluated as", "val loss"], rows) + [""]
+        md_table(["run", "client", "client's training tier", "evaluated as", "val loss"], rows) + [""]
 
 
 def _runs(report: Report) -> list[str]:
@@ -205,7 +207,7 @@ def _runs(report: Report) -> list[str]:
         present = {r.seed for r in c.runs}
         rows += [[run_name(c.label, s), s, "not run", NA, "no run directory"]
                  for s in c.planned_seeds if s not in present]
-    return ["## Runs", ""] + _table(["run", "seed", "status", "steps", "reason"], rows) + [""]
+    return ["## Runs", ""] + md_table(["run", "seed", "status", "steps", "reason"], rows) + [""]
 
 
 def _plots(plot_files: list[str]) -> list[str]:
@@ -242,12 +244,6 @@ def _csv_columns() -> list[str]:
 
 
 # --------------------------------------------------------------------------- cells
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
-
 
 def _seeds_cell(c: ConfigResult) -> str:
     seeds = ",".join(str(r.seed) for r in c.finished) or NA

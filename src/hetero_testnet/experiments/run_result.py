@@ -74,6 +74,11 @@ class RunResult:
     """Client processes that exited with a code other than 0 (summary.json), during or after training."""
     val_curve: dict[int, dict[int, float]] = field(default_factory=dict)
     train_curve: dict[int, dict[int, float]] = field(default_factory=dict)
+    utilisation: float | None = None
+    """summary.json's `utilisation` (runs since issue 12; None for older runs)."""
+    flops_trained: float | None = None
+    capacity_by_client: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """client id -> its `profile` name, `idle_share`, `emulated_s`, `wait_s`, `bytes_sent_per_step` (summary.json)."""
 
     @property
     def finished(self) -> bool:
@@ -113,6 +118,10 @@ class RunResult:
             "clients_total": self.clients_total, "clients_completed": self.clients_completed,
             "clients_crashed": self.clients_crashed, "client_drops": self.client_drops,
             "steps_discarded": self.steps_discarded, "client_nonzero_exits": self.client_nonzero_exits,
+            # only runs that measured capacity carry these, so older reports regenerate byte for byte
+            **({"utilisation": json_number(self.utilisation), "flops_trained": json_number(self.flops_trained),
+                "capacity_by_client": {str(c): v for c, v in self.capacity_by_client.items()}}
+               if self.utilisation is not None else {}),
         }
 
 
@@ -145,7 +154,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_REPORT.last_k,
         **_health(fold, grad_norm_threshold)._asdict(),
         **_client_outcome(summary, fold.client_tiers)._asdict(),
         client_drops=fold.client_drops, steps_discarded=fold.steps_discarded,
-        val_curve=val_curve, train_curve=_train_curve(fold))
+        val_curve=val_curve, train_curve=_train_curve(fold), **_capacity(summary))
 
 
 # --------------------------------------------------------------------------- the fold
@@ -324,6 +333,21 @@ class _ClientOutcome(NamedTuple):
     clients_completed: int
     clients_crashed: int
     client_nonzero_exits: int
+
+
+def _capacity(summary: dict[str, Any]) -> dict[str, Any]:
+    """Utilisation, FLOPs and each client's idle share and bytes, as summary.json has them (issue 12)."""
+    clients = summary.get("clients") if isinstance(summary.get("clients"), dict) else {}
+    by_client = {}
+    for cid, c in clients.items():
+        if isinstance(c, dict) and str(cid).isdigit() and "idle_share" in c:
+            profile = c.get("profile") if isinstance(c.get("profile"), dict) else None
+            by_client[int(cid)] = {"profile": profile.get("name") if profile else "local",
+                                   "speed": profile.get("speed") if profile else 1.0,
+                                   **{k: c.get(k) for k in ("idle_share", "emulated_s", "wait_s", "rounds",
+                                                            "bytes_sent_per_step")}}
+    return {"utilisation": summary.get("utilisation"), "flops_trained": summary.get("flops_trained"),
+            "capacity_by_client": by_client}
 
 
 def _client_outcome(summary: dict[str, Any], client_tiers: dict[int, int]) -> _ClientOutcome:
