@@ -101,3 +101,30 @@ def test_missing_configuration_gives_no_outcome() -> None:
     drop = r.comparison("HET-DROP")
     assert drop.p is None and drop.outcomes == [] and not drop.significant and drop.reason
     assert r.verdict == "inconclusive"
+
+
+def test_secondary_comparisons_have_their_own_metric_and_holm_family_and_no_say_in_the_verdict() -> None:
+    raw = {**RAW, "secondary": [{"name": "HET-SMALL-tier2", "a": "HET", "b": "SMALL", "metric": "val_loss_tier2"},
+                                {"name": "CM-ORACLE-tier0", "a": "CM", "b": "ORACLE", "metric": "val_loss_tier0"}]}
+    a = parse_analysis(raw, "x", LABELS)
+    assert [(c.name, c.metric) for c in a.secondary] == [("HET-SMALL-tier2", "val_loss_tier2"),
+                                                         ("CM-ORACLE-tier0", "val_loss_tier0")]
+    assert analysis_from_dict(a.to_dict()) == a and "secondary" not in parse_analysis(dict(RAW), "x", LABELS).to_dict()
+    primary = arms(SMALL=0.10, DROP=0.08, CM=0.0, ORACLE=-0.05)
+    tier2 = arms(HET=-0.2)   # HET's tier-2 submodel far better than SMALL's model on that metric
+
+    def by_metric(label: str, metric: str):
+        return (tier2 if metric == "val_loss_tier2" else primary)(label)
+
+    r = run_analysis(a, primary, by_metric)
+    assert r.verdict == run_analysis(parse_analysis(dict(RAW), "x", LABELS), primary).verdict == "helps"
+    het_small = next(c for c in r.secondary if c.comparison == "HET-SMALL-tier2")
+    assert het_small.diff == pytest.approx(-0.2, abs=0.01) and "better" in het_small.outcomes
+    ps = [c.p for c in r.secondary]
+    assert [c.p_holm for c in r.secondary] == holm(ps)  # Holm within the secondary family only
+    assert set(r.to_dict()) >= {"secondary"} and r.to_dict()["secondary"][0]["comparison"] == "HET-SMALL-tier2"
+    with pytest.raises(ConfigError, match="metric must be"):
+        parse_analysis({**RAW, "secondary": [{"name": "s", "a": "HET", "b": "SMALL", "metric": "ppl"}]}, "x", LABELS)
+    with pytest.raises(ConfigError, match="names must be unique"):
+        parse_analysis({**RAW, "secondary": [{"name": "HET-CM", "a": "HET", "b": "SMALL", "metric": "val_loss_tier2"}]},
+                       "x", LABELS)

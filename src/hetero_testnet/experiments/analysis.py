@@ -17,6 +17,8 @@ from hetero_testnet.experiments.prereg import Analysis, Condition, VerdictRule
 from hetero_testnet.experiments.stats import holm, json_number, paired, tost_paired
 
 BySeed = Callable[[str], Mapping[int, float | None]]
+ByMetric = Callable[[str, str], Mapping[int, float | None]]
+"""(label, metric) -> that configuration's metric per finished seed."""
 FIELDS = ("comparison", "a", "b", "n_pairs", "diff", "ci95_low", "ci95_high", "ci90_low", "ci90_high", "t", "df",
           "p", "p_holm", "significant", "tost_p", "equivalent", "non_inferior", "outcomes")
 """The columns of a primary comparison, in results.json (`analysis.comparisons[]`) and results.md alike."""
@@ -75,6 +77,8 @@ class AnalysisResult:
     checks: list[CheckResult]
     verdict: str
     verdict_reason: str
+    secondary: list[ComparisonResult] = field(default_factory=list)
+    """Pre-registered secondary comparisons: their own metrics and Holm family, not in the verdict."""
 
     def comparison(self, name: str) -> ComparisonResult:
         return next(c for c in self.comparisons if c.comparison == name)
@@ -82,7 +86,8 @@ class AnalysisResult:
     def to_dict(self) -> dict[str, Any]:
         return {"declared": self.analysis.to_dict(), "comparisons": [c.to_dict() for c in self.comparisons],
                 "checks": [c.to_dict() for c in self.checks], "verdict": self.verdict,
-                "verdict_reason": self.verdict_reason}
+                "verdict_reason": self.verdict_reason,
+                **({"secondary": [c.to_dict() for c in self.secondary]} if self.secondary else {})}
 
 
 def _compare(analysis: Analysis, name: str, a: str, b: str, by_seed: BySeed) -> ComparisonResult:
@@ -113,14 +118,23 @@ def _describe(rule: VerdictRule) -> str:
     return " and ".join(parts)
 
 
-def run_analysis(analysis: Analysis, by_seed: BySeed) -> AnalysisResult:
-    """Compute the declared analysis; `by_seed(label)` gives a configuration's metric per finished seed."""
-    results = [_compare(analysis, c.name, c.a, c.b, by_seed) for c in analysis.comparisons]
-    for r, p_adj in zip(results, holm([r.p for r in results])):
+def _decide(analysis: Analysis, family: list[ComparisonResult]) -> None:
+    """Holm over one family, then each comparison's outcomes."""
+    for r, p_adj in zip(family, holm([r.p for r in family])):
         r.p_holm = p_adj
         r.significant = p_adj is not None and p_adj < analysis.alpha
         r.outcomes = ([("better" if r.diff < 0 else "worse")] if r.significant and r.diff else []) + \
             (["equivalent"] if r.equivalent else []) + (["non_inferior"] if r.non_inferior else [])
+
+
+def run_analysis(analysis: Analysis, by_seed: BySeed, by_metric: ByMetric | None = None) -> AnalysisResult:
+    """Compute the declared analysis; `by_seed(label)` gives a configuration's primary metric per
+    finished seed, `by_metric(label, metric)` any metric (for the secondary comparisons)."""
+    results = [_compare(analysis, c.name, c.a, c.b, by_seed) for c in analysis.comparisons]
+    _decide(analysis, results)
+    secondary = [_compare(analysis, c.name, c.a, c.b, lambda label, m=c.metric: by_metric(label, m))
+                 for c in analysis.secondary] if by_metric is not None else []
+    _decide(analysis, secondary)
     checks = []
     for c in analysis.checks:
         cp = paired(by_seed(c.a), by_seed(c.b))
@@ -129,9 +143,9 @@ def run_analysis(analysis: Analysis, by_seed: BySeed) -> AnalysisResult:
     failed = [c.check for c in checks if not c.passed]
     if failed:
         return AnalysisResult(analysis, results, checks, analysis.failed_check,
-                              f"check {', '.join(failed)} did not pass, so no comparison is interpreted")
+                              f"check {', '.join(failed)} did not pass, so no comparison is interpreted", secondary)
     by_name = {r.comparison: r for r in results}
     for rule in analysis.verdicts:
         if _rule_holds(rule, by_name):
-            return AnalysisResult(analysis, results, checks, rule.verdict, f"{_describe(rule)} held")
-    return AnalysisResult(analysis, results, checks, analysis.otherwise, "no verdict rule held")
+            return AnalysisResult(analysis, results, checks, rule.verdict, f"{_describe(rule)} held", secondary)
+    return AnalysisResult(analysis, results, checks, analysis.otherwise, "no verdict rule held", secondary)

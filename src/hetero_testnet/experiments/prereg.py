@@ -12,6 +12,8 @@ An experiment that wants to *answer* a question says in its YAML, before it runs
       equivalence: tost               # "no difference" = two one-sided tests at alpha: 90% CI in (-delta, +delta)
       comparisons:                    # the primary family; diff = a - b, paired by seed
         - {name: HET-CM, a: HET, b: CM}
+      secondary:                      # pre-registered too, each with its own metric; Holm over this family
+        - {name: HET-SMALL-tier2, a: HET, b: SMALL, metric: val_loss_tier2}   # not in the verdict
       checks:                         # preconditions (manipulation checks), not in the Holm family
         - {name: ORACLE-SMALL, a: ORACLE, b: SMALL, max_diff: -0.05}
       verdicts:                       # checked in order, the first that holds is the verdict
@@ -53,6 +55,15 @@ class PlannedComparison:
 
 
 @dataclass(frozen=True, slots=True)
+class SecondaryComparison:
+    name: str
+    a: str
+    b: str
+    metric: str
+    """Its own metric (e.g. a submodel's val loss); diff = metric(a) - metric(b), seed by seed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Check:
     name: str
     a: str
@@ -89,9 +100,14 @@ class Analysis:
     verdicts: tuple[VerdictRule, ...]
     otherwise: str
     failed_check: str
+    secondary: tuple[SecondaryComparison, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.secondary:
+            d["secondary"] = [asdict(c) for c in self.secondary]
+        else:  # experiment.json of files without it stays as it was
+            del d["secondary"]
         d["comparisons"] = [asdict(c) for c in self.comparisons]
         d["checks"] = [asdict(c) for c in self.checks]
         d["verdicts"] = [{"verdict": r.verdict, "all": [str(c) for c in r.all], "any": [str(c) for c in r.any]}
@@ -127,6 +143,10 @@ def _pairs(items: Any, where: str, labels: set[str], cls: type) -> tuple:
         for label in (a, b):
             _req(label in labels, f"{here}: {label!r} is not a configuration label")
         extra = {"max_diff": _num(d, "max_diff", here)} if cls is Check else {}
+        if cls is SecondaryComparison:
+            extra = {"metric": _str(d, "metric", here)}
+            _req(bool(_METRIC.fullmatch(extra["metric"])), f"{here}: metric must be val_loss_tier<t>, "
+                 "train_loss_tier<t> or val_loss_widest")
         _req(not d, f"{here}: unknown field {', '.join(map(repr, d))}")
         out.append(cls(name=name, a=a, b=b, **extra))
     return tuple(out)
@@ -177,7 +197,8 @@ def parse_analysis(raw: Any, where: str, labels: set[str]) -> Analysis:
     comparisons = _pairs(d.pop("comparisons", None), f"{where}.comparisons", labels, PlannedComparison)
     _req(bool(comparisons), f"{where}.comparisons must list at least one comparison")
     checks = _pairs(d.pop("checks", []), f"{where}.checks", labels, Check)
-    names = [c.name for c in (*comparisons, *checks)]
+    secondary = _pairs(d.pop("secondary", []), f"{where}.secondary", labels, SecondaryComparison)
+    names = [c.name for c in (*comparisons, *checks, *secondary)]
     _req(len(set(names)) == len(names), f"{where}: comparison and check names must be unique")
     verdicts = _verdicts(d.pop("verdicts", None), f"{where}.verdicts", {c.name for c in comparisons})
     otherwise = _str(d, "otherwise", where, "inconclusive")
@@ -185,12 +206,13 @@ def parse_analysis(raw: Any, where: str, labels: set[str]) -> Analysis:
     _req(not d, f"{where}: unknown field {', '.join(map(repr, d))}")
     return Analysis(metric=metric, test=test, correction=correction, alpha=alpha, delta=delta,
                     equivalence=equivalence, comparisons=comparisons, checks=checks, verdicts=verdicts,
-                    otherwise=otherwise, failed_check=failed_check)
+                    otherwise=otherwise, failed_check=failed_check, secondary=secondary)
 
 
 def analysis_from_dict(d: dict[str, Any]) -> Analysis:
     """An `Analysis` again from its `to_dict()` (as experiment.json records it)."""
     raw = {**d, "verdicts": [{"verdict": r["verdict"], **({"all": r["all"]} if r["all"] else {}),
                               **({"any": r["any"]} if r["any"] else {})} for r in d["verdicts"]]}
-    labels = {x for c in (*d["comparisons"], *d.get("checks", [])) for x in (c["a"], c["b"])}
+    labels = {x for c in (*d["comparisons"], *d.get("checks", []), *d.get("secondary", []))
+              for x in (c["a"], c["b"])}
     return parse_analysis(raw, "experiment.json: analysis", labels)

@@ -87,4 +87,9 @@ def analysis_sections(report: Report) -> list[list[str]]:
     if na:
         lines += [f"n/a: {', '.join(f'`{c.comparison}` ({c.reason})' for c in na)}.", ""]
     lines += [f"**Verdict: {result.verdict}** ({result.verdict_reason}).", ""]
+    if result.secondary:
+        metrics = ", ".join(f"`{c.name}`: {c.metric}" for c in result.analysis.secondary)
+        lines += ["### Secondary comparisons (pre-registered; their own Holm family; not in the verdict)", "",
+                  f"Metrics: {metrics}.", ""]
+        lines += _table(FIELDS, [c.to_dict() for c in result.secondary]) + [""]
     return [lines]

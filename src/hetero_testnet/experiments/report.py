@@ -182,7 +182,8 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
     if isinstance(manifest.get("analysis"), dict):
         declared = analysis_from_dict(manifest["analysis"])
         analysis = run_analysis(declared, lambda label: configs[label].by_seed(declared.metric)
-                                if label in configs else {})
+                                if label in configs else {},
+                                lambda label, metric: configs[label].by_seed(metric) if label in configs else {})
     return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p,
                   paired_comps, paired_holm, _notes(manifest), refs, analysis)
 
