@@ -72,10 +72,11 @@ def test_smoke_matches_the_full_experiment_file() -> None:
     assert [(c.label, c.tiers) for c in smoke.configurations] == [(c.label, c.tiers) for c in full.configurations]
     assert smoke.analysis == full.analysis.__class__(**{**full.analysis.to_dict(), "verdicts": smoke.analysis.verdicts,
                                                        "comparisons": full.analysis.comparisons,
-                                                       "checks": full.analysis.checks})
+                                                       "checks": full.analysis.checks,
+                                                       "secondary": full.analysis.secondary})
     assert len(full.seeds) >= 5 and full.order == "seed" and full.analysis.delta == 0.02
     batches = {c.label: c.global_batch for c in full.configurations}
-    assert batches == {"HET": 18, "CM": 13, "SMALL": 18, "DROP": 18, "ORACLE": 18}
+    assert batches == {"HET": 18, "CM": 13, "SMALL": 18, "DROP": 6, "ORACLE": 18}
 
 
 def test_runs_seed_major_each_arm_from_its_own_config(smoke_report) -> None:
