@@ -7,7 +7,7 @@ set -euo pipefail
 src=${1:?experiment logs dir}
 dst=${2:?results dir}
 mkdir -p "$dst/runs"
-cp "$src"/experiment.json "$src"/experiment-config.yaml "$src"/runs.jsonl "$dst/runs/"
+cp "$src"/experiment.json "$src"/experiment-config*.yaml "$src"/runs.jsonl "$dst/runs/"  # derived per-label configs too
 for run in "$src"/*/; do
   name=$(basename "$run")
   [[ -f "$run/summary.json" ]] || continue
