@@ -13,8 +13,11 @@ Variants (every one a real `testnet start --headless` run of the same config, se
     (d) speed 1           tier 0       one client              the fast device alone, the whole batch
 
 What is emulated: the half-speed clients hold each round's compute for as long again as they measured
-it (`run/throttle.py`, a duty cycle); every client shares this machine's cores, so the sleeping
-clients free CPU for the others (reported as it ran). Measured per variant:
+it (`run/throttle.py`, a duty cycle). Every client runs one torch thread (so the fast device has the
+same compute in every variant), and all share this machine's cores: three processes on 2 cores
+slow each other, which the lone client of (d) does not suffer, and a sleeping client frees a core
+for the others. The figures are what ran; on devices that do not share cores (d) would lose its
+edge over (a)-(c) in step time. Measured per variant:
 
 - step s: median wall time per committed step after the first (the coordinator's clock);
 - utilisation: sum of the clients' compute (with the emulated hold) / (clients x round wall),
@@ -88,7 +91,7 @@ def derived_config(config: str, global_batch: int, eval_every: int, work: Path) 
 def run(v: Variant, *, config: Path, steps: int, seed: int, work: Path, name: str) -> Path:
     cmd = [sys.executable, "-m", "hetero_testnet", "start", "--headless", "--config-path", str(config),
            "--total-steps", str(steps), "--seed", str(seed), "--server-port", "0", "--logs-dir", str(work),
-           "--name", name, *v.flags]
+           "--name", name, "--threads", "1", *v.flags]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return work / name
 

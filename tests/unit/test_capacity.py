@@ -153,8 +153,6 @@ def test_the_share_planner_follows_measured_throughput_and_replans_on_schedule()
     assert split_batch(18, weights) == {1: 9, 2: 5, 3: 4}
     weights, replanned = planner.weights([1, 2, 3, 4], step=6)  # a joiner: re-plan at once, median rate
     assert replanned and weights[4] == pytest.approx(3.0)
-    planner.forget(4)
-    assert 4 not in planner.rates
     assert SharePlanner("equal").weights([1, 2], 0) == (None, False)
     with pytest.raises(ConfigError, match="--shares"):
         check_shares("fair")

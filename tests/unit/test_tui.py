@@ -467,3 +467,9 @@ def test_a_failing_screen_still_stops_the_run_cleanly(tmp_path, monkeypatch):
         run_with_dashboard(FakeLauncher, _Plan(tmp_path / "demo", hold=True), console=console)
     launcher = FakeLauncher.instances[-1]
     assert launcher.stop_reasons == ["the dashboard failed"] and not launcher.thread.is_alive()
+
+
+def test_a_share_split_is_a_feed_line():
+    snap = build_snapshot(started() + [ev("shares", 4.0, step=10, mode="proportional",
+                                          counts={"1": 9, "2": 5, "3": 4}, rates={"1": 6.0})])
+    assert any(item.text == "shares (proportional) at step 10: 1:9 2:5 3:4 sequences" for item in snap.feed)

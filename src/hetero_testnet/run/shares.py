@@ -10,7 +10,8 @@ the `ComputeDone` of every round: the compute time a client reports includes its
 (`run/throttle.py`), so the shares see the device the client emulates, not the core it shares.
 The split is re-planned when the membership changes and every `replan_every` steps, never in
 between, so it is stable and each change is one `shares` event. A member not measured yet (a joiner,
-the first rounds) counts at the median of the measured ones (1.0 each when none is).
+the first rounds) counts at the median of the measured ones (1.0 each when none is); a member that
+rejoins keeps the rate it was last measured at (the same device) until new rounds update it.
 
 Why any split is exact: the exchange averages each parameter over the tokens of the members that
 computed it (`exchange/aggregation.py`), so with equal tiers the committed gradient is that of
@@ -94,10 +95,6 @@ class SharePlanner:
         rate = sequences / compute_time_s
         old = self.rates.get(client_id)
         self.rates[client_id] = rate if old is None else EMA_ALPHA * rate + (1 - EMA_ALPHA) * old
-
-    def forget(self, client_id: int) -> None:
-        """A member left: a later incarnation is measured afresh."""
-        self.rates.pop(client_id, None)
 
     def weights(self, member_ids: Sequence[int], step: int) -> tuple[dict[int, float] | None, bool]:
         """(the weights of this step's split, True when it was re-planned now); (None, False) under

@@ -259,6 +259,12 @@ def _on_run_finished(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) 
         snap.say(ts, ERROR, "replicas were not bit-identical at the end")
 
 
+def _on_shares(snap: RunSnapshot, e: dict[str, Any], ts: float, cid: Any) -> None:
+    counts = e.get("counts") if isinstance(e.get("counts"), dict) else {}
+    split = " ".join(f"{c}:{n}" for c, n in counts.items())
+    snap.say(ts, INFO, f"shares ({e.get('mode')}) at step {e.get('step')}: {split} sequences")
+
+
 _Handler = Callable[[RunSnapshot, dict[str, Any], float, Any], None]
 _HANDLERS: dict[str, _Handler] = {
     Event.LAUNCH: _on_launch,
@@ -273,6 +279,7 @@ _HANDLERS: dict[str, _Handler] = {
     Event.GENERATION: _on_generation,
     Event.GENERATION_FAILED: _on_generation_failed,
     Event.STEP_COMMITTED: _on_step_committed,
+    Event.SHARES: _on_shares,
     Event.CLIENT_STEP: _on_client_step,
     Event.STEP_DISCARDED: _on_step_discarded,
     Event.REPLICA_MISMATCH: _on_replica_mismatch,
