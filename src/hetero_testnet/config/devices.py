@@ -46,15 +46,7 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ConfigError("a device profile needs a name")
-        for f in dataclasses.fields(self):
-            if f.name == "name":
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ConfigError(f"device profile {self.name!r}: {f.name} must be a finite number >= 0 "
-                                  f"(got {value!r})")
-            object.__setattr__(self, f.name, float(value))
+        check_non_negative(self, f"device profile {self.name!r}:", skip=("name",))
         if not 0 < self.speed <= 1:
             raise ConfigError(f"device profile {self.name!r}: speed must be in (0, 1] (emulation can only slow "
                               f"a client down; got {self.speed:g})")
@@ -81,6 +73,18 @@ class DeviceProfile:
         if self.packet_loss:
             parts.append(f"loss {self.packet_loss:g}")
         return f"{self.name}: " + ", ".join(parts)
+
+
+def check_non_negative(obj: Any, what: str, skip: tuple[str, ...] = ()) -> None:
+    """Every field of the frozen dataclass `obj` but `skip` must be a finite number >= 0 (a bool is not
+    a number); each becomes a float. ConfigError `<what> <field> must be ...` otherwise."""
+    for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{what} {f.name} must be a finite number >= 0 (got {value!r})")
+        object.__setattr__(obj, f.name, float(value))
 
 
 PROFILE_FIELDS = {"speed": float, "uplink_bytes_per_s": float, "downlink_bytes_per_s": float, "latency_ms": float,

@@ -31,7 +31,7 @@ import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from hetero_testnet.config.devices import DeviceProfile
+from hetero_testnet.config.devices import DeviceProfile, check_non_negative
 from hetero_testnet.errors import ConfigError, ProtocolError
 
 
@@ -53,12 +53,7 @@ class NetworkFaults:
     """Cap on what this client receives (a device profile's downlink); 0 means unlimited."""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ConfigError(f"network fault {f.name} must be a finite number >= 0 (got {value!r})")
-            object.__setattr__(self, f.name, float(value))
+        check_non_negative(self, "network fault")
         if self.packet_loss >= 1.0:
             raise ConfigError(f"network fault packet_loss must be below 1 (got {self.packet_loss!r})")
 
