@@ -382,3 +382,25 @@ def test_json_significance_is_the_holm_decision_and_references_are_reported(expe
     assert "## Reference lines (the same validation tokens)" in md and f"{refs.unigram:.4f}" in md
     assert "at unigram level" in md or "above the unigram line" in md or "the bigram line" in md
     assert to_json(rep)["references"]["bigram"] == refs.bigram
+
+
+def test_runs_that_measured_capacity_add_a_section_and_a_time_to_loss_plot(experiment: Path, tmp_path: Path):
+    for run in sorted(experiment.glob("0-*-seed*")):
+        s = json.loads((run / "summary.json").read_text())
+        s["utilisation"], s["flops_trained"] = 0.6, 1.0e12
+        s["val_curve"] = [{"step": 5, "wall_s": 3.0, "tokens": 160, "flops": 5e11, "val_loss": {"tier0": 6.5}},
+                          {"step": 10, "wall_s": 6.0, "tokens": 320, "flops": 1e12, "val_loss": {"tier0": 6.0}}]
+        for cid, c in s["clients"].items():
+            c.update(idle_share=0.25 * int(cid), emulated_s=2.0, wait_s=1.0, rounds=10, bytes_sent_per_step=4e6,
+                     profile={"name": "laptop", "speed": 0.5} if cid == "2" else None)
+        (run / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "out"
+    paths = {p.name for p in write_report(build_report(experiment), out)}
+    assert "time_to_loss.png" in paths and (out / "time_to_loss.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "## Capacity: utilisation, idle share and bytes per client" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `0-1` | 0.600"))
+    assert "| 1 | 0 | local (1) | 0.250 " in row and "| 0.200 | 4.000 |" in row
+    assert "| 2 | 1 | laptop (0.5) | 0.500 " in md
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["utilisation"] == 0.6 and run["capacity_by_client"]["2"]["profile"] == "laptop"

@@ -34,7 +34,37 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     paths = [_write_curves(report, kind, out_dir / f"{kind}_loss.png") for kind in ("val", "train")]
     diff = _write_diff_plot(report, out_dir / "val_loss_diff.png")
     primary = write_primary_plot(report, out_dir / "primary_diff.png") if report.analysis else None
-    return paths + [p for p in (diff, primary) if p]
+    cost = write_cost_plot(report, out_dir / "time_to_loss.png")
+    return paths + [p for p in (diff, primary, cost) if p]
+
+
+def write_cost_plot(report: Report, path: Path) -> Path | None:
+    """Time-to-loss: each configuration's full-model validation loss (its widest model's for a
+    configuration without tier 0) against wall-clock seconds and against training FLOPs, mean over
+    seeds at each validation step (runs since issue 12 carry these in summary.json)."""
+    configs = [c for c in report.configs if any(r.cost_curve for r in c.finished)]
+    if not configs:
+        return None
+    fig, axes = _figure(2)
+    for index, c in enumerate(configs):
+        tier = min(c.tiers, default=0)
+        steps = sorted({p["step"] for r in c.finished for p in r.cost_curve if p.get("wall_s") is not None})
+        points = []
+        for step in steps:
+            at = [p for r in c.finished for p in r.cost_curve
+                  if p["step"] == step and p.get("wall_s") is not None and f"tier{tier}" in p.get("val_loss", {})]
+            if at:
+                points.append((sum(p["wall_s"] for p in at) / len(at), sum(p["flops"] for p in at) / len(at),
+                               sum(p["val_loss"][f"tier{tier}"] for p in at) / len(at)))
+        for ax, x, unit in ((axes[0][0], 0, "wall-clock s since the coordinator started"),
+                            (axes[0][1], 1, "training FLOPs")):
+            ax.plot([p[x] for p in points], [p[2] for p in points], "-o", color=f"C{index % 10}", markersize=3,
+                    label=f"{c.label} ({tier_name(tier, 'val')})")
+            ax.set_xlabel(unit)
+            ax.set_ylabel("validation loss (mean over seeds)")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, "time to loss: validation loss vs wall-clock and vs FLOPs", path)
 
 
 def _write_curves(report: Report, kind: str, path: Path) -> Path:

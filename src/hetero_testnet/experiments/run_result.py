@@ -79,6 +79,8 @@ class RunResult:
     flops_trained: float | None = None
     capacity_by_client: dict[int, dict[str, Any]] = field(default_factory=dict)
     """client id -> its `profile` name, `idle_share`, `emulated_s`, `wait_s`, `bytes_sent_per_step` (summary.json)."""
+    cost_curve: list[dict[str, Any]] = field(default_factory=list)
+    """summary.json's `val_curve`: each validation with the wall time, tokens and FLOPs spent by then."""
 
     @property
     def finished(self) -> bool:
@@ -346,8 +348,9 @@ def _capacity(summary: dict[str, Any]) -> dict[str, Any]:
                                    "speed": profile.get("speed") if profile else 1.0,
                                    **{k: c.get(k) for k in ("idle_share", "emulated_s", "wait_s", "rounds",
                                                             "bytes_sent_per_step")}}
+    curve = summary.get("val_curve") if isinstance(summary.get("val_curve"), list) else []
     return {"utilisation": summary.get("utilisation"), "flops_trained": summary.get("flops_trained"),
-            "capacity_by_client": by_client}
+            "capacity_by_client": by_client, "cost_curve": [p for p in curve if isinstance(p, dict)]}
 
 
 def _client_outcome(summary: dict[str, Any], client_tiers: dict[int, int]) -> _ClientOutcome:
