@@ -281,3 +281,19 @@ def test_random_kills_hit_only_clients_that_trained_since_joining(tmp_path):
     launcher._random_kill()
     assert proc.killed and launcher.fault_counts["kills"] == 1
     assert launcher.events.emitted[-1][0] == str(Event.FAULT_KILL)
+
+
+def test_no_kills_once_only_the_last_round_is_left(tmp_path):
+    from hetero_testnet.events import Event
+    from hetero_testnet.run.launcher import Launcher
+
+    launcher = Launcher(_plan(tmp_path, total_steps=10, faults=FaultPlan(random_kill_num=1)))
+    launcher._note({"event": Event.STEP_COMMITTED, "step": 7, "inner_steps": 1})
+    assert not launcher.last_round                    # steps 8 and 9 are left
+    launcher._note({"event": Event.STEP_COMMITTED, "step": 8, "inner_steps": 1})
+    assert launcher.last_round                        # only step 9: the next commit goes straight to Cooldown
+    diloco = Launcher(_plan(tmp_path, total_steps=12, faults=FaultPlan(random_kill_num=1), name="d"))
+    diloco._note({"event": Event.STEP_COMMITTED, "step": 0, "inner_steps": 4})
+    assert not diloco.last_round                      # rounds at 4 and 8 are left
+    diloco._note({"event": Event.STEP_COMMITTED, "step": 4, "inner_steps": 4})
+    assert diloco.last_round                          # the round at 8 is the last

@@ -368,7 +368,8 @@ class Coordinator:
             if self.paused:
                 await self.hold_paused()
         await self.cooldown()
-        return "finished", f"completed {t.step} of {self.timing.total_steps} steps"
+        lost = "" if t.step in t.saved_steps else "; no member was left to validate and save the final model"
+        return "finished", f"completed {t.step} of {self.timing.total_steps} steps{lost}"
 
     async def hold_paused(self) -> None:
         """Wait at a step boundary until resumed (SIGUSR1 toggles), still serving background messages."""

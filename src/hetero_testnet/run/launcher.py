@@ -18,7 +18,10 @@ receiving state holds nothing to lose, and killing restarts again and again befo
 only starve the run (seen with kills every 5-6 s and 5-20 s start-ups on 2 loaded cores: the killed
 client rejoined and was killed again before its first round, run after run). Kills aimed at group
 formation and the state broadcast are the test hooks' job (`run/testhooks.py`), which time them
-exactly. An interval with no eligible client skips its kill. Crash-only:
+exactly. An interval with no eligible client skips its kill, and no kill is injected once only the last
+round is left: the coordinator goes from that round's commit straight into Cooldown (joins refused),
+and a kill that raced that switch left a run with every step trained but no member to validate or
+save the final model (seen once in 6 soak runs, kills every 5 s among all clients). Crash-only:
 a client that exits with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group; 76: a
 test hook killed it) is restarted the same way.
 """
@@ -108,6 +111,8 @@ class Launcher:
         self.coordinator_ready = False
         self.run_ending = False
         """Set once the run is in Cooldown/Finished: no more fault kills or restarts."""
+        self.last_round = False
+        """Set once every step but the last is committed: no more fault kills (module docstring)."""
         self.rng = random.Random(plan.faults.seed)
         self.pending_restarts: list[tuple[float, int]] = []
         self.events: EventWriter | None = None
@@ -241,7 +246,7 @@ class Launcher:
             now = time.monotonic()
             if p.exit_after_s is not None and now - started >= p.exit_after_s and not self.stop_requested:
                 self.request_stop(f"--exit-after-secs {p.exit_after_s:g} reached")
-            if next_kill is not None and now >= next_kill and not self.run_ending:
+            if next_kill is not None and now >= next_kill and not (self.run_ending or self.last_round):
                 self._random_kill()
                 next_kill = now + p.faults.random_kill_interval_s
             self._restart_crashed()
@@ -252,6 +257,9 @@ class Launcher:
         kind = event.get("event")
         if kind == Event.RUN_FINISHED or (kind == Event.STATE and event.get("new") in _ENDING_STATES):
             self.run_ending = True
+        if kind == Event.STEP_COMMITTED and isinstance(event.get("step"), int):
+            inner = int(event.get("inner_steps") or 1)  # the next round is at most as long (diloco: H)
+            self.last_round = event["step"] + 2 * inner >= self.plan.config.timing.total_steps
         if kind == Event.CLIENT_JOINED:
             child = self.children.get(f"client-{event.get('client_id')}")
             if child is not None and child.proc.pid == event.get("pid"):
