@@ -220,14 +220,14 @@ class Coordinator:
         self.capacity.start_round(plan, replanned)
         self.round_plan, self.reduced = plan, {}
         lr = step_lr(step, self.cfg.lr_schedule)
+        deadline_s = self.timing.max_round_train_time * plan.inner_steps  # the config's is per step (diloco: H)
         t0 = time.monotonic()
         for m in members:
             m.send(plan.message(m.client_id, epoch=self.epoch, generation=generation))
         ready = await self.inbox.gather(members, accept_compute_done(self.events, step, generation, t0,
                                                                      self.capacity.ready),
-                                        t0 + self.timing.max_round_train_time, step=step)
-        failure = round_failure(ready, self.membership, step,
-                                f"round deadline ({self.timing.max_round_train_time:.0f} s)")
+                                        t0 + deadline_s, step=step)
+        failure = round_failure(ready, self.membership, step, f"round deadline ({deadline_s:.0f} s)")
         if failure is None:
             go = P.Go(step=step, generation=generation, exchange_timeout_s=self.exchange_timeouts.timeout_s)
             for m in members:
