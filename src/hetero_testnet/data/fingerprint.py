@@ -101,10 +101,13 @@ def verify_copy(manifest: DataManifest, data_dir: Path | None = None) -> None:
     fix = "copy the head's shards there, pass --data-dir, or --ship-data"
     for split in SPLITS:
         directory = Path(data_dir) if data_dir is not None else Path(manifest.dirs[split])
+        if not directory.is_dir():
+            raise DataError(f"{split} data: {directory} does not exist on this node; {fix}")
         try:
-            local = {e.name: e for e in _entries(directory, manifest.patterns[split])}
-        except (DataError, OSError) as e:
-            raise DataError(f"{split} data on this node: {e}; {fix}") from None
+            local = {p.name: ShardEntry(p.name, p.stat().st_size, sha256_file(p))
+                     for p in sorted(directory.glob(manifest.patterns[split])) if p.is_file()}
+        except OSError as e:
+            raise DataError(f"{split} data on this node: cannot read {e.filename}: {e.strerror}; {fix}") from None
         want = {e.name: e for e in manifest.files[split]}
         for name in sorted(set(want) | set(local)):
             mine, theirs = local.get(name), want.get(name)
