@@ -1,0 +1,138 @@
+"""`--engine ray` on a real, local Ray head that this module starts and stops itself.
+
+The head runs `ray start --head --block` in its own session, on loopback only (Ray otherwise
+advertises the machine's first interface address; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every
+Ray address on 127.0.0.1), with 4 logical CPUs, a 100 MB object store, no dashboard and a temp dir
+of its own (also the nodes' TMPDIR, where shipped shards land). It is stopped with SIGTERM to that `ray start` (which stops what it started), then
+SIGKILL to its process group: never `ray stop`, which would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from testnet_helpers import ROOT, assert_no_orphans, checksums_by_step, events, run_start, summary
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ray", reason="--engine ray needs the ray extra (pip install -e '.[dev]')")
+
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> Iterator[dict[str, str]]:
+    """A local Ray head for this module; yields the environment in which `--address auto` finds it."""
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    log = temp / "head.log"
+    ray = Path(sys.executable).parent / "ray"
+    (temp / "tmp").mkdir()
+    env = {**os.environ, **LOOPBACK_ONLY, "TMPDIR": str(temp / "tmp")}  # the actors' node cache goes there too
+    cmd = [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "4",
+           "--object-store-memory", "100000000", "--include-dashboard=false", "--disable-usage-stats",
+           "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp)]
+    with open(log, "wb") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray_start(logs_dir: Path, name: str, env: dict[str, str], *extra: str):
+    return run_start(logs_dir, name, "--engine", "ray", "--address", "auto", *extra, env=env, timeout=240)
+
+
+def test_ray_run_trains_the_same_parameters_as_the_local_launcher(logs_dir, ray_env):
+    common = ("--num-clients", "3", "--tiers", "0,1,1", "--seed", "7", "--min-clients", "3")
+    local = run_start(logs_dir, "local", *common)
+    assert local.returncode == 0, local.stderr
+    started = time.monotonic()
+    result = _ray_start(logs_dir, "ray", ray_env, *common)
+    assert result.returncode == 0, result.stderr
+    print(f"ray run: {time.monotonic() - started:.1f} s")
+    run = logs_dir / "ray"
+    s = summary(run)
+    assert s["status"] == "finished" and s["steps_completed"] == 8 and s["replicas_identical"] is True
+    sums = checksums_by_step(run)
+    assert sorted(sums) == list(range(8)) and all(len(v) == 1 for v in sums.values())
+    a, b = load_file(str(logs_dir / "local" / "checkpoint" / "model.safetensors")), load_file(
+        str(run / "checkpoint" / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).norm() <= 1e-5 * a[name].norm() + 1e-7, name
+    token = (run / ".token").read_text().strip()
+    for k in (1, 2, 3):
+        assert s["clients"][str(k)]["engine"] == "ray" and s["clients"][str(k)]["exit_code"] == 0
+        log = (run / f"client-{k}.log").read_text()
+        assert log.count(" client_loss ") == 8 and token not in log  # the head's log, as in local mode
+    assert token not in (run / "events.jsonl").read_text() and token not in result.stdout + result.stderr
+    assert_no_orphans(run)
+
+
+def test_a_killed_actor_is_restarted_by_ray_and_rejoins(logs_dir, ray_env):
+    """Shipped shards (checked on arrival and again by the restarted actor), one kill every 6 s."""
+    result = _ray_start(logs_dir, "kills", ray_env, "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "60",
+                        "--random-kill-num", "1", "--allowed-to-kill", "2", "--random-kill-interval", "6",
+                        "--kill-restart-delay", "0.5", "--exit-after-secs", "180", "--ship-data")
+    assert result.returncode == 0, result.stderr
+    run = logs_dir / "kills"
+    s = summary(run)
+    assert s["status"] == "finished" and s["steps_completed"] == 60
+    assert s["faults"]["kills"] >= 1 and s["clients"]["2"]["kills"] >= 1 and s["clients"]["2"]["restarts"] >= 1
+    evs = events(run)
+    kill = next(e for e in evs if e["event"] == "fault_kill")
+    assert kill["client_id"] == 2 and kill["signal"] == "ray.kill"
+    restarted = next(e for e in evs if e["event"] == "client_restarted" and e["ts"] > kill["ts"])
+    assert restarted["client_id"] == 2 and restarted["pid"] != kill["pid"]
+    rejoin = next(e for e in evs if e["event"] == "client_joined" and e["client_id"] == 2 and e["incarnation"] > 0)
+    assert rejoin["pid"] == restarted["pid"]
+    assert any(e["event"] == "client_step" and e["client_id"] == 2 and e["ts"] > rejoin["ts"] for e in evs)
+    sums = checksums_by_step(run)
+    assert sorted(sums) == list(range(60)) and all(len(v) == 1 for v in sums.values())
+    assert_no_orphans(run)
+
+
+def test_a_node_with_other_data_stops_the_run_with_one_line(logs_dir, ray_env, tmp_path):
+    other = tmp_path / "data"
+    shutil.copytree(ROOT / "data" / "sample", other)
+    shard = sorted(other.glob("*_train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    result = _ray_start(logs_dir, "baddata", ray_env, "--num-clients", "2", "--data-dir", str(other))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: client ") and f"train shard {shard} differs from the head's" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert summary(logs_dir / "baddata")["status"] == "interrupted"
+    assert_no_orphans(logs_dir / "baddata")
