@@ -301,3 +301,71 @@ def test_an_actor_with_other_data_reports_one_line_and_starts_nothing(monkeypatc
                                              "data_dir": str(_copy_sample(tmp_path / "good")),
                                              "argv": ["client", "--help"]})
     assert ok.argv == ["client", "--help", "--data-dir", str(tmp_path / "good")] and _exited(ok)["exit_code"] == 0
+
+
+def test_an_address_where_nothing_listens_is_one_line_not_minutes_of_retries():
+    import socket
+
+    from hetero_testnet.run.ray_engine import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(ConfigError, match=rf"no Ray cluster answers at 127.0.0.1:{port} \(--address auto, "
+                                              rf"RAY_ADDRESS=127.0.0.1:{port}"):
+            check_reachable("auto", f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=rf"answers at 127.0.0.1:{port} \(--address ray://127.0.0.1:{port}:"):
+            check_reachable(f"ray://127.0.0.1:{port}")
+        s.listen(1)
+        check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto", None)  # left to Ray
+
+
+# ----------------------------------------------------------------- the launcher's view of an actor (Ray faked)
+
+class _FakeMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)  # the "object ref" is the value itself (ray.wait / ray.get are faked)
+
+
+class _FakeActor:
+    def __init__(self, log: bytes) -> None:
+        self.state = {"pid": 100, "exit_code": None, "error": None, "remote_log": True, "host": "w1", "node": "n1"}
+        self.log = log
+        self.status = _FakeMethod(lambda: dict(self.state))
+        self.read_log = _FakeMethod(lambda offset: self.log[offset:offset + 4])
+
+
+def test_the_launchers_handle_adopts_incarnations_and_pulls_remote_logs(monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray")
+    from hetero_testnet.run.ray_engine import RayClient
+
+    killed = []
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (list(refs), []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: killed.append(no_restart))
+    actor = _FakeActor(b"0123456789")
+    handle = RayClient(actor, 2, tmp_path / "client-2.log")
+    assert handle.pid is None and handle.poll() is None
+    handle.refresh(block_s=1.0)
+    assert handle.take_incarnation() == 100 and handle.incarnations == 1 and handle.take_incarnation() is None
+    for _ in range(3):  # 4 bytes per pull
+        handle.pull_log(block_s=1.0)
+    assert (tmp_path / "client-2.log").read_bytes() == b"0123456789" and handle.log_offset == 10
+    handle.kill()
+    assert killed == [False] and handle.poll() == -9 and handle.wait() == -9
+    handle.refresh(block_s=1.0)  # the old incarnation's answer is ignored
+    assert handle.take_incarnation() is None and handle.returncode == -9
+    actor.state = {**actor.state, "pid": 200}  # Ray restarted the actor; its client runs again
+    handle.refresh(block_s=1.0)
+    assert handle.take_incarnation() == 200 and handle.incarnations == 2 and handle.returncode is None
+    actor.state = {**actor.state, "exit_code": 0}
+    handle.refresh(block_s=1.0)
+    assert handle.returncode == 0
+    actor.state = {**actor.state, "error": "client 2 on w1: train shard x differs"}
+    handle.refresh(block_s=1.0)
+    with pytest.raises(ConfigError, match="client 2 on w1: train shard x differs"):
+        handle.take_incarnation()

@@ -22,6 +22,8 @@ client (different data, say) surfaces as ConfigError from `adopt` with the actor
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +41,8 @@ LOG_EVERY_S = 1.0
 ADOPT_WAIT_S = 10.0
 """Longest blocking status call (when a join names a pid the launcher has not seen yet)."""
 NAMESPACE = "hetero-testnet"
+REACH_TIMEOUT_S = 5.0
+"""How long the cluster's address may take to accept a TCP connection before `connect` gives up."""
 
 
 class RayClient:
@@ -152,6 +156,7 @@ class RayEngine:
         except ImportError:
             raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL_RAY}") from None
         address = self.plan.engine.address
+        check_reachable(address, os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -159,17 +164,18 @@ class RayEngine:
             raise ConfigError(f"no Ray cluster at --address {address} ({reason})",
                               hint="start one with `ray start --head`, or see docs/cluster.md") from None
         try:
-            self._prepare(ray, client_mode=address.startswith("ray://"))
+            self._prepare(ray, client_mode=address.startswith("ray://"),
+                          remote_driver=address.startswith("ray://") and _host(address) not in LOOPBACK)
         except BaseException:
             ray.shutdown()
             raise
 
-    def _prepare(self, ray: Any, *, client_mode: bool) -> None:
+    def _prepare(self, ray: Any, *, client_mode: bool, remote_driver: bool) -> None:
         """Where the head is, whether the cluster can host the run, the actor class, shipped shards."""
         self.head_node = "" if client_mode else ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address() if not client_mode else self.node_ip
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        check_cluster(self.plan, [dict(n.get("Resources", {})) for n in nodes], client_mode=client_mode)
+        check_cluster(self.plan, [dict(n.get("Resources", {})) for n in nodes], remote_driver=remote_driver)
         self.actor_cls = ray.remote(ClientActor)
         if self.plan.engine.ship_data and self.plan.engine.manifest is not None:
             from hetero_testnet.data.fingerprint import DataManifest, shipped_files
@@ -235,9 +241,37 @@ class RayEngine:
         return {"engine": "ray", "host": s.get("host"), "node_id": s.get("node")}
 
 
-def check_cluster(plan: LaunchPlan, nodes: list[dict[str, float]], *, client_mode: bool = False) -> None:
+def check_reachable(address: str, env_address: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """ConfigError when nothing listens at the cluster's HOST:PORT (`--address`, or RAY_ADDRESS for
+    `auto`): `ray.init` would retry for minutes. `auto` without RAY_ADDRESS is left to Ray, which
+    answers at once when this machine runs no Ray."""
+    target = env_address if address == "auto" else address
+    if not target or target == "auto":
+        return
+    host, port = _host(target), _port(target)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {host}:{port} (--address {address}"
+                          f"{f', RAY_ADDRESS={env_address}' if address == 'auto' else ''}: {e.strerror or e})",
+                          hint="start one with `ray start --head`, or see docs/cluster.md") from None
+
+
+def _host(address: str) -> str:
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    return (host if sep and port.isdigit() else rest).strip("[]")
+
+
+def _port(address: str) -> int:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() and not address.endswith("//") else 10001
+
+
+def check_cluster(plan: LaunchPlan, nodes: list[dict[str, float]], *, remote_driver: bool = False) -> None:
     """ConfigError when the cluster cannot host the run as planned: a client whose resources no single
-    node offers (Ray would wait forever), or several nodes while the coordinator listens on loopback."""
+    node offers (Ray would wait forever), or the coordinator listening on loopback while the clients
+    run elsewhere (several nodes, or a `ray://` cluster on another machine: `remote_driver`)."""
     if not nodes:
         raise ConfigError("the Ray cluster has no live node")
     for spec in plan.clients:
@@ -246,7 +280,7 @@ def check_cluster(plan: LaunchPlan, nodes: list[dict[str, float]], *, client_mod
             asked = "+".join(f"{k}:{v:g}" for k, v in wanted.items())
             raise ConfigError(f"client {spec.client_id} (tier {spec.tier}) asks Ray for {asked}, which no node of "
                               f"the cluster offers", hint="change --client-resources or --threads, or add nodes")
-    remote = len(nodes) > 1 or client_mode
+    remote = len(nodes) > 1 or remote_driver
     if remote and plan.bind in LOOPBACK and not plan.advertise_host:
         raise ConfigError(f"the coordinator listens on {plan.bind} only, which the Ray cluster's other nodes cannot "
                           "reach", hint="pass --bind 0.0.0.0 --advertise-host <this machine's address>")
