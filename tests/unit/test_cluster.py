@@ -369,3 +369,32 @@ def test_the_launchers_handle_adopts_incarnations_and_pulls_remote_logs(monkeypa
     handle.refresh(block_s=1.0)
     with pytest.raises(ConfigError, match="client 2 on w1: train shard x differs"):
         handle.take_incarnation()
+
+
+# ----------------------------------------------------------------- the KubeRay manifest (no Kubernetes here)
+
+def test_the_kuberay_manifest_uses_real_flags_and_resources_its_pods_offer():
+    import shlex
+
+    import typer
+    import yaml
+
+    from hetero_testnet.cli import _register_subcommands, app
+
+    doc = yaml.safe_load((ROOT / "docs" / "kuberay" / "rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["testnet", "start"]
+    _register_subcommands()
+    start = typer.main.get_command(app).commands["start"]
+    known = {opt for param in start.params for opt in param.opts + param.secondary_opts}
+    flags = [a for a in argv[2:] if a.startswith("--")]
+    assert flags and set(flags) <= known, sorted(set(flags) - known)
+    cluster = doc["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    offered = [json.loads(json.loads(g["rayStartParams"]["resources"])) for g in groups]
+    wanted = parse_client_resources(argv[argv.index("--client-resources") + 1])
+    for tier, resources in wanted.items():
+        assert any(all(node.get(k, 0) >= v for k, v in resources.custom.items()) for node in offered), tier
+    env = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert any(e["name"] == "MY_POD_IP" for e in env) and "$MY_POD_IP" in doc["spec"]["entrypoint"]
