@@ -15,7 +15,8 @@ from hetero_testnet.run.cluster import INSTALL_RAY
 
 EngineOption = Annotated[str, typer.Option(
     "--engine", help=f"local (clients are subprocesses of this command) | ray (each client is a Ray actor on "
-    f"the cluster at --address, restarted by Ray after a failure; needs `{INSTALL_RAY}`).")]
+    f"the cluster at --address, restarted by Ray after a failure; needs `{INSTALL_RAY.replace('[', chr(92) + '[')}`; "
+    "docs/cluster.md).")]
 AddressOption = Annotated[Optional[str], typer.Option(
     "--address", help="ray: the cluster: auto (the one this machine is part of, or RAY_ADDRESS), HOST:PORT of "
     "its GCS, or ray://HOST:10001 (default auto).")]
