@@ -398,3 +398,59 @@ def test_the_kuberay_manifest_uses_real_flags_and_resources_its_pods_offer():
         assert any(all(node.get(k, 0) >= v for k, v in resources.custom.items()) for node in offered), tier
     env = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert any(e["name"] == "MY_POD_IP" for e in env) and "$MY_POD_IP" in doc["spec"]["entrypoint"]
+
+
+# ----------------------------------------------------------------- the launcher with an engine that restarts clients itself
+
+class _SelfRestartingEngine:
+    name, restarts_itself, kill_signal = "fake", True, "ray.kill"
+
+    def __init__(self) -> None:
+        self.killed: list = []
+        self.next_pid: int | None = None
+
+    def kill(self, handle) -> None:
+        self.killed.append(handle.pid)
+        handle.returncode = -9
+
+    def adopt(self, handle, wait: bool = False):
+        if self.next_pid is None or self.next_pid == handle.pid:
+            return None
+        handle.pid, handle.returncode, self.next_pid = self.next_pid, None, None
+        handle.incarnations += 1
+        return handle.pid
+
+
+class _Handle:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode, self.incarnations = pid, None, 1
+
+    def poll(self):
+        return self.returncode
+
+
+def test_the_launcher_leaves_restarts_to_an_engine_that_restarts_clients_itself(tmp_path):
+    from hetero_testnet.events import Event
+    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.plan import FaultPlan, plan_launch
+
+    plan = plan_launch(num_clients=3, config_path=TINY, logs_dir=tmp_path / "logs", name="r",
+                       faults=FaultPlan(random_kill_num=1, random_kill_interval_s=5))
+    launcher = Launcher(plan)
+    emitted: list = []
+    launcher.events = type("E", (), {"emit": lambda self, e, **f: emitted.append((str(e), f))})()
+    launcher.engine = engine = _SelfRestartingEngine()
+    handle = _Handle(pid=41)
+    launcher.children["client-2"] = child = Child("client", 2, handle, tmp_path / "c2.log")
+    launcher._note({"event": Event.CLIENT_JOINED, "client_id": 2, "pid": 41})
+    launcher._note({"event": Event.CLIENT_STEP, "client_id": 2, "step": 0})
+    launcher._random_kill()
+    assert engine.killed == [41] and launcher.pending_restarts == []  # Ray restarts it, not the launcher
+    assert emitted[-1] == (str(Event.FAULT_KILL), {"client_id": 2, "pid": 41, "signal": "ray.kill"})
+    engine.next_pid = 77  # the restarted actor's client reports
+    launcher._adopt(child)
+    assert [e for e, _ in emitted[-2:]] == [str(Event.PROCESS_STARTED), str(Event.CLIENT_RESTARTED)]
+    assert emitted[-1][1] == {"client_id": 2, "pid": 77}
+    assert child.restarts == 1 and launcher.fault_counts == {"kills": 1, "restarts": 1} and not child.trained
+    launcher._note({"event": Event.CLIENT_JOINED, "client_id": 2, "pid": 77})
+    assert child.joined
