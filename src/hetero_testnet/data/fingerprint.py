@@ -137,7 +137,8 @@ def check_shippable(manifest: DataManifest) -> None:
 def shipped_files(manifest: DataManifest) -> dict[str, bytes]:
     """Every shard's bytes by file name, read on the head for `--ship-data` (`check_shippable` first)."""
     check_shippable(manifest)
-    return {e.name: (Path(manifest.dirs[split]) / e.name).read_bytes() for split in SPLITS for e in manifest.files[split]}
+    return {e.name: (Path(manifest.dirs[split]) / e.name).read_bytes()
+            for split in SPLITS for e in manifest.files[split]}
 
 
 def write_shipped(manifest: DataManifest, files: dict[str, bytes], cache: Path) -> Path:

@@ -125,8 +125,8 @@ def parse_client_resources(text: str | None) -> dict[int, ActorResources]:
         key, sep, resources = entry.strip().partition("=")
         m = _ENTRY.match(key.strip())
         if not sep or m is None or not resources.strip():
-            raise ConfigError(f"--client-resources entries must be tierN=RESOURCE:AMOUNT[+...] (got {entry.strip()!r}), "
-                              "e.g. tier0=GPU:1,tier1=CPU:2")
+            raise ConfigError("--client-resources entries must be tierN=RESOURCE:AMOUNT[+...] "
+                              f"(got {entry.strip()!r}), e.g. tier0=GPU:1,tier1=CPU:2")
         tier = int(m.group(1))
         if tier in out:
             raise ConfigError(f"--client-resources names tier{tier} twice")

@@ -127,7 +127,7 @@ class Launcher:
                threads: int, pass_fds: tuple[int, ...] = (), spec: ClientSpec | None = None) -> Child:
         if spec is not None:  # a client: the engine starts it (Ray: with only the run's variables)
             env = client_env_vars(self.plan, self.token, threads) if self.engine.restarts_itself else self._env(threads)
-            proc = self.engine.start(spec, args, log_path, env)
+            proc = self._engine(self.engine.start, spec, args, log_path, env)
         else:
             proc = spawn_supervised([sys.executable, "-m", "hetero_testnet", *args], log_path=log_path,
                                     env=self._env(threads), pass_fds=pass_fds)
@@ -142,13 +142,17 @@ class Launcher:
             self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
 
-    def _adopt(self, child: Child, wait: bool = False) -> None:
-        """Record a client the engine started by itself (Ray: a restarted actor's new client)."""
+    def _engine(self, call: Callable[..., Any], *args: Any) -> Any:
+        """An engine call; its error (a client that cannot start) stops the run, then propagates."""
         try:
-            pid = self.engine.adopt(child.proc, wait)
+            return call(*args)
         except HeteroTestnetError as e:
             self.request_stop(str(e))
             raise
+
+    def _adopt(self, child: Child, wait: bool = False) -> None:
+        """Record a client the engine started by itself (Ray: a restarted actor's new client)."""
+        pid = self._engine(self.engine.adopt, child.proc, wait)
         if pid is None:
             return
         child.restart_scheduled = child.joined = child.trained = False
@@ -280,12 +284,10 @@ class Launcher:
         kind = event.get("event")
         if kind == Event.RUN_FINISHED or (kind == Event.STATE and event.get("new") in _ENDING_STATES):
             self.run_ending = True
-        if kind == Event.CLIENT_JOINED:
-            child = self.children.get(f"client-{event.get('client_id')}")
-            if child is not None and child.proc.pid != event.get("pid"):
+        if kind == Event.CLIENT_JOINED and (child := self.children.get(f"client-{event.get('client_id')}")):
+            if child.proc.pid != event.get("pid"):
                 self._adopt(child, wait=True)  # an engine's client may join before its pid is known
-            if child is not None and child.proc.pid == event.get("pid"):
-                child.joined = True
+            child.joined = child.joined or child.proc.pid == event.get("pid")
         if kind == Event.CLIENT_STEP:
             child = self.children.get(f"client-{event.get('client_id')}")
             if child is not None and child.joined:
@@ -379,10 +381,8 @@ class Launcher:
             if c.role != "client":
                 continue
             entry = summary.setdefault("clients", {}).setdefault(str(c.client_id), {})
-            entry["exit_code"] = c.proc.returncode
-            entry["kills"] = c.kills
-            entry["restarts"] = c.restarts
-            entry.update(self.engine.describe(c.proc))
+            entry.update(exit_code=c.proc.returncode, kills=c.kills, restarts=c.restarts,
+                         **self.engine.describe(c.proc))
         for spec in self.plan.clients:  # what the plan gave each client, beside what the run measured
             entry = summary.setdefault("clients", {}).setdefault(str(spec.client_id), {})
             entry["profile"] = entry.get("profile") or spec.profile.to_dict()

@@ -41,6 +41,8 @@ LOG_EVERY_S = 1.0
 ADOPT_WAIT_S = 10.0
 """Longest blocking status call (when a join names a pid the launcher has not seen yet)."""
 NAMESPACE = "hetero-testnet"
+FINAL_LOG_PULLS = 64
+"""At the end, pull a remote log until it is complete or this many chunks (64 MiB) came over."""
 REACH_TIMEOUT_S = 5.0
 """How long the cluster's address may take to accept a TCP connection before `connect` gives up."""
 
@@ -115,25 +117,27 @@ class RayClient:
         self.incarnations += 1
         return self.pid
 
-    def pull_log(self, block_s: float = 0.0) -> None:
-        """Append the remote client's new log bytes to the head's log (nothing for a client on the head)."""
+    def pull_log(self, block_s: float = 0.0) -> int:
+        """Append the remote client's new log bytes to the head's log (nothing for a client on the head);
+        returns how many arrived."""
         import ray
 
         if not (self.latest or {}).get("remote_log"):
-            return
+            return 0
         if self._log_ref is None and (block_s or time.monotonic() - self._log_at >= LOG_EVERY_S):
             self._log_ref, self._log_at = self.actor.read_log.remote(self.log_offset), time.monotonic()
         if self._log_ref is None or not ray.wait([self._log_ref], timeout=block_s)[0]:
-            return
+            return 0
         ref, self._log_ref = self._log_ref, None
         try:
             data = ray.get(ref)
         except ray.exceptions.RayError:
-            return
+            return 0
         if data:
             with open(self.log_path, "ab") as f:
                 f.write(data)
             self.log_offset += len(data)
+        return len(data)
 
 
 class RayEngine:
@@ -194,9 +198,13 @@ class RayEngine:
                "restart_delay_s": p.faults.kill_restart_delay_s, "manifest": p.engine.manifest,
                "data_dir": p.engine.data_dir}
         options = p.engine.resources_for(spec.tier).ray_options(p.threads_per_client)
-        actor = self.actor_cls.options(name=f"{p.run_dir.name}-client-{spec.client_id}", max_restarts=-1,
-                                       max_task_retries=0, runtime_env={"env_vars": dict(env)},
-                                       **options).remote(job, self.shipped)
+        name = f"{p.run_dir.name}-client-{spec.client_id}"
+        try:
+            actor = self.actor_cls.options(name=name, max_restarts=-1, max_task_retries=0,
+                                           runtime_env={"env_vars": dict(env)}, **options).remote(job, self.shipped)
+        except ValueError as e:  # Ray's answer to a name already taken in the namespace
+            raise ConfigError(f"cannot start actor {name} in Ray namespace {NAMESPACE} ({e})",
+                              hint="another run of this --name is on the cluster: choose another --name") from None
         handle = RayClient(actor, spec.client_id, log_path)
         self.handles.append(handle)
         return handle
@@ -228,7 +236,9 @@ class RayEngine:
             except (ray.exceptions.RayError, ConfigError):
                 pass
             try:  # the shutdown goes on whatever Ray answers (a cluster that went away, say)
-                h.pull_log(block_s=5.0)
+                for _ in range(FINAL_LOG_PULLS):
+                    if not h.pull_log(block_s=5.0):
+                        break
                 ray.kill(h.actor, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
