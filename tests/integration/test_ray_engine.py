@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -73,6 +74,23 @@ def ray_env() -> Iterator[dict[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _actor_processes() -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or [""]
+        if cmdline and cmdline[0].startswith("ray::ClientActor"):
+            out.append(proc)
+    return out
+
+
+def assert_no_actors_left(timeout: float = 20.0) -> None:
+    """The run's actors are gone (killed without restart at its end), not idle on the cluster."""
+    deadline = time.monotonic() + timeout
+    while _actor_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _actor_processes(), [p.pid for p in _actor_processes()]
+
+
 def _ray_start(logs_dir: Path, name: str, env: dict[str, str], *extra: str):
     return run_start(logs_dir, name, "--engine", "ray", "--address", "auto", *extra, env=env, timeout=240)
 
@@ -101,6 +119,7 @@ def test_ray_run_trains_the_same_parameters_as_the_local_launcher(logs_dir, ray_
         assert log.count(" client_loss ") == 8 and token not in log  # the head's log, as in local mode
     assert token not in (run / "events.jsonl").read_text() and token not in result.stdout + result.stderr
     assert_no_orphans(run)
+    assert_no_actors_left()
 
 
 def test_a_killed_actor_is_restarted_by_ray_and_rejoins(logs_dir, ray_env):
@@ -124,6 +143,7 @@ def test_a_killed_actor_is_restarted_by_ray_and_rejoins(logs_dir, ray_env):
     sums = checksums_by_step(run)
     assert sorted(sums) == list(range(60)) and all(len(v) == 1 for v in sums.values())
     assert_no_orphans(run)
+    assert_no_actors_left()
 
 
 def test_a_node_with_other_data_stops_the_run_with_one_line(logs_dir, ray_env, tmp_path):

@@ -277,11 +277,14 @@ def test_the_actor_supervises_its_client_and_writes_the_heads_log_on_the_head(mo
 
 
 def test_a_remote_actor_keeps_the_log_on_its_node_for_the_head_to_pull(monkeypatch, tmp_path):
+    stale = tmp_path / "node-tmp" / "hetero-testnet" / "run" / "client-2.log"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run of this name\n")
     actor = _bare_actor(monkeypatch, tmp_path, {}, node="worker")
     assert _exited(actor)["remote_log"] is True
     local = tmp_path / "node-tmp" / "hetero-testnet" / "run" / "client-2.log"
     text = local.read_bytes()
-    assert b"hetero-testnet" in text and not (tmp_path / "run").exists()
+    assert b"hetero-testnet" in text and b"earlier" not in text and not (tmp_path / "run").exists()
     assert actor.read_log(0) == text and actor.read_log(3) == text[3:] and actor.read_log(len(text)) == b""
 
 
@@ -407,7 +410,11 @@ class _SelfRestartingEngine:
 
     def __init__(self) -> None:
         self.killed: list = []
+        self.restarted: list = []
         self.next_pid: int | None = None
+
+    def restart(self, handle) -> None:
+        self.restarted.append(handle.pid)
 
     def kill(self, handle) -> None:
         self.killed.append(handle.pid)
@@ -454,3 +461,28 @@ def test_the_launcher_leaves_restarts_to_an_engine_that_restarts_clients_itself(
     assert child.restarts == 1 and launcher.fault_counts == {"kills": 1, "restarts": 1} and not child.trained
     launcher._note({"event": Event.CLIENT_JOINED, "client_id": 2, "pid": 77})
     assert child.joined
+
+
+def test_a_client_asking_for_a_restart_is_restarted_by_the_engine_not_respawned(tmp_path):
+    from hetero_testnet.events import Event
+    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.plan import FaultPlan, plan_launch
+
+    plan = plan_launch(num_clients=2, config_path=TINY, logs_dir=tmp_path / "logs", name="r",
+                       faults=FaultPlan(kill_restart_delay_s=0.0))
+    launcher = Launcher(plan)
+    emitted: list = []
+    launcher.events = type("E", (), {"emit": lambda self, e, **f: emitted.append((str(e), f))})()
+    launcher.engine = engine = _SelfRestartingEngine()
+    handle = _Handle(pid=41)
+    launcher.children["client-1"] = child = Child("client", 1, handle, tmp_path / "c1.log")
+    handle.returncode = 75  # a formation stuck past its deadline (crash-only)
+    launcher._restart_crashed()
+    launcher._restart_crashed()  # scheduled once
+    assert [e for e, _ in emitted] == [str(Event.CLIENT_EXITED)] and len(launcher.pending_restarts) == 1
+    launcher._restart_due("127.0.0.1:1")
+    assert engine.restarted == [41] and launcher.children["client-1"] is child and child.proc is handle
+    assert child.restarts == 0  # counted when the new client reports
+    engine.next_pid = 42
+    launcher._adopt(child)
+    assert emitted[-1] == (str(Event.CLIENT_RESTARTED), {"client_id": 1, "pid": 42}) and child.restarts == 1

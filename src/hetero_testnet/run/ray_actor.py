@@ -67,6 +67,8 @@ class ClientActor:
         self.remote_log = self.node_id != job["head_node"]
         self.log_path = self._node_dir() / job["run_name"] / Path(job["log_path"]).name if self.remote_log \
             else Path(job["log_path"])
+        if self.remote_log and not reconstructed:  # a new run (or --resume): the head pulls from offset 0
+            self.log_path.unlink(missing_ok=True)
         if reconstructed and job.get("restart_delay_s"):
             time.sleep(float(job["restart_delay_s"]))  # --kill-restart-delay, as the local launcher waits
         try:
