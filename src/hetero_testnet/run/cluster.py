@@ -161,9 +161,10 @@ def plan_engine(*, engine: str, address: str | None, client_resources: str | Non
         used = [flag for flag, value in (("--address", address), ("--client-resources", client_resources),
                                          ("--data-dir", data_dir), ("--ship-data", ship_data or None)) if value]
         if used:
-            raise ConfigError(f"{', '.join(used)} only apply to --engine ray")
+            raise ConfigError(f"{', '.join(used)} only appl{'y' if len(used) > 1 else 'ies'} to --engine ray")
         return EnginePlan()
     require_ray()
+    address = check_address(address or DEFAULT_ADDRESS)
     resources = parse_client_resources(client_resources)
     unknown = sorted(set(resources) - set(tiers))
     if unknown:
@@ -180,5 +181,5 @@ def plan_engine(*, engine: str, address: str | None, client_resources: str | Non
         if ship_data:
             check_shippable(found)
         manifest = found.to_dict()
-    return EnginePlan(name="ray", address=check_address(address or DEFAULT_ADDRESS), resources=resources,
+    return EnginePlan(name="ray", address=address, resources=resources,
                       data_dir=str(data_dir) if data_dir is not None else None, ship_data=ship_data, manifest=manifest)
