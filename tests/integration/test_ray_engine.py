@@ -123,14 +123,16 @@ def test_ray_run_trains_the_same_parameters_as_the_local_launcher(logs_dir, ray_
 
 
 def test_a_killed_actor_is_restarted_by_ray_and_rejoins(logs_dir, ray_env):
-    """Shipped shards (checked on arrival and again by the restarted actor), one kill every 6 s."""
-    result = _ray_start(logs_dir, "kills", ray_env, "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "60",
-                        "--random-kill-num", "1", "--allowed-to-kill", "2", "--random-kill-interval", "6",
-                        "--kill-restart-delay", "0.5", "--exit-after-secs", "180", "--ship-data")
+    """Shipped shards (checked on arrival and again by the restarted actor), a kill every 4 s: the first
+    lands within 4 s of client 2's first round, so on a fast machine too the run (100 steps, ~15 s of
+    training when idle) goes on long enough for the restarted client to rejoin and train."""
+    result = _ray_start(logs_dir, "kills", ray_env, "--num-clients", "3", "--tiers", "0,1,1", "--total-steps", "100",
+                        "--random-kill-num", "1", "--allowed-to-kill", "2", "--random-kill-interval", "4",
+                        "--kill-restart-delay", "0.5", "--exit-after-secs", "200", "--ship-data")
     assert result.returncode == 0, result.stderr
     run = logs_dir / "kills"
     s = summary(run)
-    assert s["status"] == "finished" and s["steps_completed"] == 60
+    assert s["status"] == "finished" and s["steps_completed"] == 100
     assert s["faults"]["kills"] >= 1 and s["clients"]["2"]["kills"] >= 1 and s["clients"]["2"]["restarts"] >= 1
     evs = events(run)
     kill = next(e for e in evs if e["event"] == "fault_kill")
@@ -141,7 +143,7 @@ def test_a_killed_actor_is_restarted_by_ray_and_rejoins(logs_dir, ray_env):
     assert rejoin["pid"] == restarted["pid"]
     assert any(e["event"] == "client_step" and e["client_id"] == 2 and e["ts"] > rejoin["ts"] for e in evs)
     sums = checksums_by_step(run)
-    assert sorted(sums) == list(range(60)) and all(len(v) == 1 for v in sums.values())
+    assert sorted(sums) == list(range(100)) and all(len(v) == 1 for v in sums.values())
     assert_no_orphans(run)
     assert_no_actors_left()
 
