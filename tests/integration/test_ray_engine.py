@@ -25,7 +25,8 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from testnet_helpers import ROOT, assert_no_orphans, checksums_by_step, events, run_start, summary
+from testnet_helpers import (ROOT, assert_no_orphans, checksums_by_step, events, restore_sigint, run_start, start_args,
+                             summary, wait_for_step)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -160,3 +161,28 @@ def test_a_node_with_other_data_stops_the_run_with_one_line(logs_dir, ray_env, t
     assert "Traceback" not in result.stderr
     assert summary(logs_dir / "baddata")["status"] == "interrupted"
     assert_no_orphans(logs_dir / "baddata")
+
+
+def test_sigterm_stops_a_ray_run_cleanly(logs_dir, ray_env):
+    """Ray's driver would turn SIGTERM into sys.exit(15) (and its C++ core into an abort): the
+    launcher keeps its own handler, so the run stops as in local mode (summary, exit 130)."""
+    proc = subprocess.Popen(start_args(logs_dir, "term", "--engine", "ray", "--address", "auto", "--num-clients", "2",
+                                       "--tiers", "0,1", "--total-steps", "400"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ray_env,
+                            preexec_fn=restore_sigint)
+    run = logs_dir / "term"
+    try:
+        wait_for_step(run, 2, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    s = summary(run)
+    assert s["status"] == "interrupted" and "SIGTERM" in s["reason"] and 2 <= s["steps_completed"] < 400
+    assert "faults" in s and all(c["exit_code"] is not None for c in s["clients"].values())
+    assert "logging.cc" not in err  # no stack trace of Ray's own signal handler
+    assert_no_orphans(run)
+    assert_no_actors_left()

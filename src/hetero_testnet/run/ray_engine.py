@@ -23,7 +23,9 @@ client (different data, say) surfaces as ConfigError from `adopt` with the actor
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,18 +157,25 @@ class RayEngine:
         self.handles: list[RayClient] = []
 
     def connect(self) -> None:
+        # Ray's core worker would install a C++ SIGTERM handler in this process that aborts it (exit 134,
+        # no summary) instead of letting `testnet start` stop the run cleanly; read when Ray is imported.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         try:
             import ray
         except ImportError:
             raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL_RAY}") from None
         address = self.plan.engine.address
         check_reachable(address, os.environ.get("RAY_ADDRESS"))
+        previous = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"no Ray cluster at --address {address} ({reason})",
                               hint="start one with `ray start --head`, or see docs/cluster.md") from None
+        finally:  # ray.init replaces the SIGTERM handler with sys.exit(15): keep the launcher's clean stop
+            if threading.current_thread() is threading.main_thread() and previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         try:
             self._prepare(ray, client_mode=address.startswith("ray://"),
                           remote_driver=address.startswith("ray://") and _host(address) not in LOOPBACK)
