@@ -99,6 +99,13 @@ def test_the_cli_starts_without_importing_ray():
     assert r.stdout.strip() == "False", r.stderr
 
 
+def test_an_actor_supervising_a_client_does_not_load_torch_itself():
+    """Each actor only starts and watches a process: its worker should not pay torch's import."""
+    code = "import sys, hetero_testnet.run.ray_actor; print(sorted({'torch', 'numpy', 'ray'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
 def test_ray_plan_checks_tiers_data_flags_and_fingerprints_the_data(tiny_config, tmp_path, monkeypatch):
     from hetero_testnet.run import cluster
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero_testnet.config import DataConfig
-from hetero_testnet.data.shards import list_shards
+from typing import TYPE_CHECKING
+
 from hetero_testnet.errors import DataError
+
+if TYPE_CHECKING:  # not imported at run time: a Ray actor imports this module, and should not load torch
+    from hetero_testnet.config import DataConfig
 
 SPLITS = ("train", "val")
 
@@ -83,15 +86,21 @@ def sha256_file(path: Path) -> str:
 
 
 def _entries(directory: Path, pattern: str) -> tuple[ShardEntry, ...]:
-    return tuple(ShardEntry(p.name, p.stat().st_size, sha256_file(p)) for p in list_shards(directory, pattern))
+    """The shards `pattern` selects in `directory`, in name order (the order `data/shards.py` reads)."""
+    return tuple(ShardEntry(p.name, p.stat().st_size, sha256_file(p))
+                 for p in sorted((p for p in directory.glob(pattern) if p.is_file()), key=lambda p: p.name))
 
 
 def manifest_for(data: DataConfig) -> DataManifest:
-    """The manifest of the shards `data` names on this machine; DataError if a split has none."""
+    """The manifest of the shards `data` names on this machine; DataError if a split has none (the
+    planner has opened both splits already, so this is a safety net)."""
     dirs = {"train": Path(data.train_dir).resolve(), "val": Path(data.resolved_val_dir).resolve()}
     patterns = {"train": data.train_pattern, "val": data.val_pattern}
-    return DataManifest(dirs={s: str(dirs[s]) for s in SPLITS}, patterns=patterns,
-                        files={s: _entries(dirs[s], patterns[s]) for s in SPLITS})
+    files = {s: _entries(dirs[s], patterns[s]) for s in SPLITS}
+    for split in SPLITS:
+        if not files[split]:
+            raise DataError(f"{split} data: no shards matching {patterns[split]!r} in {dirs[split]}")
+    return DataManifest(dirs={s: str(dirs[s]) for s in SPLITS}, patterns=patterns, files=files)
 
 
 def verify_copy(manifest: DataManifest, data_dir: Path | None = None) -> None:
@@ -104,8 +113,7 @@ def verify_copy(manifest: DataManifest, data_dir: Path | None = None) -> None:
         if not directory.is_dir():
             raise DataError(f"{split} data: {directory} does not exist on this node; {fix}")
         try:
-            local = {p.name: ShardEntry(p.name, p.stat().st_size, sha256_file(p))
-                     for p in sorted(directory.glob(manifest.patterns[split])) if p.is_file()}
+            local = {e.name: e for e in _entries(directory, manifest.patterns[split])}
         except OSError as e:
             raise DataError(f"{split} data on this node: cannot read {e.filename}: {e.strerror}; {fix}") from None
         want = {e.name: e for e in manifest.files[split]}
