@@ -54,7 +54,8 @@ def ray_env() -> Iterator[dict[str, str]]:
            "--object-store-memory", "100000000", "--include-dashboard=false", "--disable-usage-stats",
            "--ray-client-server-port", str(_free_port()), "--temp-dir", str(temp)]
     with open(log, "wb") as out:
-        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=temp / "tmp")  # its workers' working directory: not the one `testnet start` runs in
     try:
         deadline = time.monotonic() + 120
         while b"Ray runtime started" not in log.read_bytes():
@@ -101,7 +102,9 @@ def test_ray_run_trains_the_same_parameters_as_the_local_launcher(logs_dir, ray_
     local = run_start(logs_dir, "local", *common)
     assert local.returncode == 0, local.stderr
     started = time.monotonic()
-    result = _ray_start(logs_dir, "ray", ray_env, *common)
+    # a relative --logs-dir: the clients run in Ray's working directory, not this one, and must still
+    # write the final checkpoint into this run's directory
+    result = _ray_start(logs_dir, "ray", ray_env, *common, "--logs-dir", os.path.relpath(logs_dir, ROOT))
     assert result.returncode == 0, result.stderr
     print(f"ray run: {time.monotonic() - started:.1f} s")
     run = logs_dir / "ray"

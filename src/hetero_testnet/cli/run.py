@@ -172,7 +172,9 @@ def start(
     engine_plan = plan_engine(engine=engine, address=address, client_resources=client_resources, data_dir=data_dir,
                               ship_data=ship_data, tiers=[s.tier for s in plan.clients], data=plan.config.data)
     plan = dataclasses.replace(plan, auto_checkpoint_every=auto_checkpoint_every, advertise_host=advertise_host,
-                               gloo_ifname=gloo_ifname, engine=engine_plan)
+                               gloo_ifname=gloo_ifname, engine=engine_plan,
+                               # clients under Ray run elsewhere (another cwd): checkpoint paths must be absolute
+                               run_dir=plan.run_dir.resolve() if engine_plan.is_ray else plan.run_dir)
     warn_config(plan.config)
     stream = None
     if wandb_project:
