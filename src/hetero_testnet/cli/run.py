@@ -32,6 +32,8 @@ from hetero_testnet.cli.device_options import (DEFAULT_REPLAN_EVERY, DEFAULT_SHA
                                                ReplanEveryOption, SharesOption, profile_flags)
 from hetero_testnet.cli.net_options import (DEFAULT_AUTO_CHECKPOINT_EVERY, AdvertiseHostOption, AutoCheckpointOption,
                                             GlooIfnameOption, PacketLossOption)
+from hetero_testnet.cli.engine_options import (AddressOption, ClientResourcesOption, DataDirOption, EngineOption,
+                                               ShipDataOption)
 from hetero_testnet.cli.metrics import (WandbEntityOption, WandbGroupOption, WandbProjectOption, finish_stream,
                                         start_wandb_stream)
 from hetero_testnet.config import DEFAULT_CONFIG
@@ -131,8 +133,14 @@ def start(
     client_packet_loss: ClientLossOption = None,
     shares: SharesOption = DEFAULT_SHARES,
     replan_every: ReplanEveryOption = DEFAULT_REPLAN_EVERY,
+    engine: EngineOption = "local",
+    address: AddressOption = None,
+    client_resources: ClientResourcesOption = None,
+    data_dir: DataDirOption = None,
+    ship_data: ShipDataOption = False,
 ) -> None:
     """Start a coordinator and N clients and train one shared model at mixed MatFormer tiers."""
+    from hetero_testnet.run.cluster import plan_engine
     from hetero_testnet.run.plan import FaultPlan, check_recovery_and_network, plan_launch
     from hetero_testnet.run.sync_flags import SyncFlags
 
@@ -161,8 +169,12 @@ def start(
         replan_every=replan_every, profiles=profile_flags(client_profiles, client_speeds, client_bandwidth,
                                                           client_uplink, client_downlink, client_latency_ms,
                                                           client_packet_loss))
+    engine_plan = plan_engine(engine=engine, address=address, client_resources=client_resources, data_dir=data_dir,
+                              ship_data=ship_data, tiers=[s.tier for s in plan.clients], data=plan.config.data)
     plan = dataclasses.replace(plan, auto_checkpoint_every=auto_checkpoint_every, advertise_host=advertise_host,
-                               gloo_ifname=gloo_ifname)
+                               gloo_ifname=gloo_ifname, engine=engine_plan,
+                               # clients under Ray run elsewhere (another cwd): checkpoint paths must be absolute
+                               run_dir=plan.run_dir.resolve() if engine_plan.is_ray else plan.run_dir)
     warn_config(plan.config)
     stream = None
     if wandb_project:

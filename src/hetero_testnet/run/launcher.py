@@ -18,12 +18,14 @@ receiving state holds nothing to lose, and killing restarts again and again befo
 only starve the run (seen with kills every 5-6 s and 5-20 s start-ups on 2 loaded cores: the killed
 client rejoined and was killed again before its first round, run after run). Kills aimed at group
 formation and the state broadcast are the test hooks' job (`run/testhooks.py`), which time them
-exactly. An interval with no eligible client skips its kill, and no kill is injected once only the last
-round is left: the coordinator goes from that round's commit straight into Cooldown (joins refused),
-and a kill that raced that switch left a run with every step trained but no member to validate or
-save the final model (seen once in 6 soak runs, kills every 5 s among all clients). Crash-only:
+exactly. An interval with no eligible client skips its kill, and none comes once only the last round
+is left (a kill racing the switch to Cooldown left nobody to validate or save the model). Crash-only:
 a client that exits with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group; 76: a
 test hook killed it) is restarted the same way.
+
+Engines (`run/engine.py`): clients run as the launcher's subprocesses (`--engine local`) or as Ray
+actors (`--engine ray`). Under Ray a kill is `ray.kill` and Ray restarts the actor itself: the
+launcher records the restart when the new client reports (`_adopt`), not when it asks for one.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from hetero_testnet.config import dump_yaml
-from hetero_testnet.errors import ConfigError, RunFailedError
+from hetero_testnet.errors import ConfigError, HeteroTestnetError, RunFailedError
 from hetero_testnet.events import Event, EventTail, EventWriter, RunState
-from hetero_testnet.run.plan import GLOO_IFNAME_ENV, TOKEN_ENV, ClientSpec, LaunchPlan
-from hetero_testnet.run.processes import kill_tree, last_error_line, spawn_supervised, stop, wait_all
+from hetero_testnet.run.engine import client_env_vars, make_engine
+from hetero_testnet.run.plan import ClientSpec, LaunchPlan
+from hetero_testnet.run.profiles import EMULATION
+from hetero_testnet.run.processes import kill_tree, last_error_line, spawn_supervised, stop
 from hetero_testnet.rundir import RunDir, read_json, write_json_atomic
 
-TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 READY_TIMEOUT_S = 60.0
 """How long the coordinator may take to listen (write its ready file) before the run fails."""
 COORDINATOR_STOP_WAIT_S = 30.0
@@ -59,10 +62,6 @@ CLIENT_EXIT_WAIT_S = 5.0
 """After the coordinator: time for the clients to leave by themselves (it told them to) before SIGKILL."""
 RESTART_EXIT_CODES = {75: "stuck past a hard deadline", 76: "killed by a test hook"}
 """Client exit codes that ask to be restarted (`run/client_waits.EXIT_STUCK`, `run/testhooks.EXIT_TEST_KILL`)."""
-EMULATION = {"speed": "duty cycle: each round's compute is held for (1/speed - 1) x its measured time (run/throttle.py)",
-             "link": "shaper in the exchange: latency + max(sent/uplink, received/downlink) + lost packets x RTT, "
-                     "charged on the bytes the collective moves (exchange/faults.py; no netem/tbf)"}
-"""What the summary says ran for an emulated client (`clients.<id>.emulation`)."""
 _ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
 """`state` events whose `new` state ends the run (Cooldown, Finished): no more kills or restarts."""
 
@@ -71,7 +70,8 @@ _ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
 class Child:
     role: str
     client_id: int | None
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Any
+    """A Popen, or the engine's handle shaped like one (`run/engine.py`)."""
     log_path: Path
     kills: int = 0
     restarts: int = 0
@@ -117,22 +117,20 @@ class Launcher:
         self.pending_restarts: list[tuple[float, int]] = []
         self.events: EventWriter | None = None
         self.fault_counts = {"kills": 0, "restarts": 0}
+        self.engine = make_engine(plan, self.token)
 
     # ------------------------------------------------------------------ spawning
     def _env(self, threads: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env[TOKEN_ENV] = self.token
-        env.setdefault("GLIBC_TUNABLES", TUNED_MALLOC)
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.plan.gloo_ifname:
-            env[GLOO_IFNAME_ENV] = self.plan.gloo_ifname
-        return env
+        return {**os.environ, **client_env_vars(self.plan, self.token, threads)}
 
     def _spawn(self, key: str, role: str, client_id: int | None, args: list[str], log_path: Path,
-               threads: int, pass_fds: tuple[int, ...] = ()) -> Child:
-        proc = spawn_supervised([sys.executable, "-m", "hetero_testnet", *args], log_path=log_path,
-                                env=self._env(threads), pass_fds=pass_fds)
+               threads: int, pass_fds: tuple[int, ...] = (), spec: ClientSpec | None = None) -> Child:
+        if spec is not None:  # a client: the engine starts it (Ray: with only the run's variables)
+            env = client_env_vars(self.plan, self.token, threads) if self.engine.restarts_itself else self._env(threads)
+            proc = self._engine(self.engine.start, spec, args, log_path, env)
+        else:
+            proc = spawn_supervised([sys.executable, "-m", "hetero_testnet", *args], log_path=log_path,
+                                    env=self._env(threads), pass_fds=pass_fds)
         child = self.children.get(key)
         if child is None:
             child = Child(role, client_id, proc, log_path)
@@ -140,12 +138,33 @@ class Launcher:
         else:
             child.proc = proc
             child.restart_scheduled = child.joined = child.trained = False
-        self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
+        if proc.pid is not None:  # an engine's client that is still starting is recorded when adopted
+            self.events.emit(Event.PROCESS_STARTED, client_id=client_id, role_started=role, pid=proc.pid, log=False)
         return child
+
+    def _engine(self, call: Callable[..., Any], *args: Any) -> Any:
+        """An engine call; its error (a client that cannot start) stops the run, then propagates."""
+        try:
+            return call(*args)
+        except HeteroTestnetError as e:
+            self.request_stop(str(e))
+            raise
+
+    def _adopt(self, child: Child, wait: bool = False) -> None:
+        """Record a client the engine started by itself (Ray: a restarted actor's new client)."""
+        pid = self._engine(self.engine.adopt, child.proc, wait)
+        if pid is None:
+            return
+        child.restart_scheduled = child.joined = child.trained = False
+        self.events.emit(Event.PROCESS_STARTED, client_id=child.client_id, role_started="client", pid=pid, log=False)
+        if child.proc.incarnations > 1:
+            child.restarts += 1
+            self.fault_counts["restarts"] += 1
+            self.events.emit(Event.CLIENT_RESTARTED, client_id=child.client_id, pid=pid)
 
     def _spawn_client(self, spec: ClientSpec, address: str) -> Child:
         return self._spawn(f"client-{spec.client_id}", "client", spec.client_id, self.plan.client_args(spec, address),
-                           self.files.client_log(spec.client_id), self.plan.threads_per_client)
+                           self.files.client_log(spec.client_id), self.plan.threads_per_client, spec=spec)
 
     def _wait_ready(self, coordinator: Child, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -199,7 +218,12 @@ class Launcher:
     def run(self) -> int:
         """Run to the end; returns the coordinator's exit code (0, 1 or 130)."""
         p = self.plan
-        listener = listen_socket(p.bind, p.server_port)
+        self.engine.connect()  # (Ray) before anything is written: a cluster it cannot use leaves no run behind
+        try:
+            listener = listen_socket(p.bind, p.server_port)
+        except ConfigError:
+            self.engine.close()
+            raise
         self.prepare_run_dir()
         self.events = EventWriter(self.files.events, run_id=p.config.run_id, role="launcher")
         tail = EventTail(self.files.events, from_end=True)  # only this run's events
@@ -229,7 +253,7 @@ class Launcher:
                                   self.files.coordinator_log, 1, pass_fds=(listener.fileno(),))
         port = listener.getsockname()[1]
         listener.close()  # the coordinator holds it now
-        address = f"{'127.0.0.1' if p.bind in ('0.0.0.0', '') else p.bind}:{port}"
+        address = self.engine.client_address(p.bind, port, p.advertise_host)
         for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
             self._spawn_client(spec, address)
         return coordinator, address
@@ -251,6 +275,9 @@ class Launcher:
                 next_kill = now + p.faults.random_kill_interval_s
             self._restart_crashed()
             self._restart_due(address)
+            for child in [c for c in self.children.values() if c.role == "client"]:
+                self._adopt(child)
+            self.engine.pump()
             time.sleep(0.1)
 
     def _note(self, event: dict[str, Any]) -> None:
@@ -260,10 +287,10 @@ class Launcher:
         if kind == Event.STEP_COMMITTED and isinstance(event.get("step"), int):
             inner = int(event.get("inner_steps") or 1)  # the next round is at most as long (diloco: H)
             self.last_round = event["step"] + 2 * inner >= self.plan.config.timing.total_steps
-        if kind == Event.CLIENT_JOINED:
-            child = self.children.get(f"client-{event.get('client_id')}")
-            if child is not None and child.proc.pid == event.get("pid"):
-                child.joined = True
+        if kind == Event.CLIENT_JOINED and (child := self.children.get(f"client-{event.get('client_id')}")):
+            if child.proc.pid != event.get("pid"):
+                self._adopt(child, wait=True)  # an engine's client may join before its pid is known
+            child.joined = child.joined or child.proc.pid == event.get("pid")
         if kind == Event.CLIENT_STEP:
             child = self.children.get(f"client-{event.get('client_id')}")
             if child is not None and child.joined:
@@ -275,12 +302,13 @@ class Launcher:
                     if c.role == "client" and c.proc.poll() is None and c.trained
                     and (not f.allowed_to_kill or c.client_id in f.allowed_to_kill)]
         for child in self.rng.sample(eligible, min(f.random_kill_num, len(eligible))):
-            child.proc.kill()
-            child.proc.wait()
+            self.engine.kill(child.proc)
             child.kills += 1
             self.fault_counts["kills"] += 1
-            self.events.emit(Event.FAULT_KILL, client_id=child.client_id, pid=child.proc.pid, signal="SIGKILL")
-            self.pending_restarts.append((time.monotonic() + f.kill_restart_delay_s, child.client_id))
+            self.events.emit(Event.FAULT_KILL, client_id=child.client_id, pid=child.proc.pid,
+                             signal=self.engine.kill_signal)
+            if not self.engine.restarts_itself:  # Ray restarts the actor (after the delay, `run/ray_actor.py`)
+                self.pending_restarts.append((time.monotonic() + f.kill_restart_delay_s, child.client_id))
 
     def _restart_crashed(self) -> None:
         """Schedule the restart of clients that exited asking for one (crash-only, RESTART_EXIT_CODES)."""
@@ -304,6 +332,9 @@ class Launcher:
         self.pending_restarts = [(t, cid) for t, cid in self.pending_restarts if t > now]
         specs = {s.client_id: s for s in self.plan.clients}
         for cid in due:
+            if self.engine.restarts_itself:  # recorded when the new client reports (`_adopt`)
+                self.engine.restart(self.children[f"client-{cid}"].proc)
+                continue
             child = self._spawn_client(specs[cid], address)
             child.restarts += 1
             self.fault_counts["restarts"] += 1
@@ -319,8 +350,11 @@ class Launcher:
             code = stop(coordinator.proc, [(first, wait_s), (signal.SIGKILL, COORDINATOR_EXIT_WAIT_S)])
         else:
             code = 1
-        wait_all([c.proc for c in self.children.values() if c.role == "client"], CLIENT_EXIT_WAIT_S)
-        kill_tree([c.proc for c in self.children.values()])
+        try:
+            self.engine.finish([c.proc for c in self.children.values() if c.role == "client"], CLIENT_EXIT_WAIT_S)
+        finally:
+            kill_tree([c.proc for c in self.children.values() if c.role != "client"])
+            self.engine.close()
         self._amend_summary()
         if self.events is not None:
             self.events.close()
@@ -350,15 +384,13 @@ class Launcher:
             if c.role != "client":
                 continue
             entry = summary.setdefault("clients", {}).setdefault(str(c.client_id), {})
-            entry["exit_code"] = c.proc.returncode
-            entry["kills"] = c.kills
-            entry["restarts"] = c.restarts
+            entry.update(exit_code=c.proc.returncode, kills=c.kills, restarts=c.restarts,
+                         **self.engine.describe(c.proc))
         for spec in self.plan.clients:  # what the plan gave each client, beside what the run measured
             entry = summary.setdefault("clients", {}).setdefault(str(spec.client_id), {})
-            entry["profile"] = entry.get("profile") or spec.profile.to_dict()
-            entry["emulation"] = EMULATION if spec.profile.emulated else None
-            if spec.tier_reason is not None:
-                entry["tier_reason"] = spec.tier_reason
+            entry.update(profile=entry.get("profile") or spec.profile.to_dict(),
+                         emulation=EMULATION if spec.profile.emulated else None,
+                         **({"tier_reason": spec.tier_reason} if spec.tier_reason is not None else {}))
         summary["faults"] = {**self.fault_counts, **self.plan.faults.network()}
         if self.plan.faults.packet_loss:  # this launcher has no netem: the loss is the exchange's emulation
             summary["faults"]["packet_loss_mode"] = "emulated (one retransmission round trip per lost packet)"

@@ -24,6 +24,7 @@ from typing import Any
 
 from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
 from hetero_testnet.errors import ConfigError
+from hetero_testnet.run.cluster import EnginePlan
 from hetero_testnet.run.sync_flags import SyncFlags, apply_sync_flags, check_sync, check_sync_tiers
 from hetero_testnet.config.devices import DeviceProfile
 from hetero_testnet.run.devices import assign_devices
@@ -34,11 +35,11 @@ from hetero_testnet.rundir import RunDir
 TOKEN_ENV = "HETERO_TESTNET_TOKEN"
 """The environment variable that carries the run token (the launcher sets it for its children)."""
 DEFAULT_ROTATION_INTERVAL = 16
+"""Steps between helper re-draws when `--helper-rotation-intervals` is not given (the reference's)."""
 DEFAULT_AUTO_CHECKPOINT_EVERY = 5
 """Steps between automatic recovery checkpoints (`run/recovery.py`; 0 turns them off)."""
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
 """The variable gloo reads for the network interface(s) its sockets use (`--gloo-ifname`)."""
-"""Steps between helper re-draws when `--helper-rotation-intervals` is not given (the reference's)."""
 
 
 @dataclass
@@ -106,6 +107,8 @@ class LaunchPlan:
     shares: str = DEFAULT_SHARES
     """How the coordinator splits the global batch (`run/shares.py`)."""
     replan_every: int = DEFAULT_REPLAN_EVERY
+    engine: EnginePlan = field(default_factory=EnginePlan)
+    """What runs the clients (`run/cluster.py`: local subprocesses, or Ray actors)."""
 
     def coordinator_args(self, listen_fd: int) -> list[str]:
         """`testnet coordinator ...` arguments; it inherits the listening socket as `listen_fd`."""
@@ -270,12 +273,10 @@ def plan_launch(*, num_clients: int, config_path: Path, tiers: Sequence[int] = (
     per_client = threads if threads is not None else max(1, (cores or os.cpu_count() or 1) // num_clients)
     if per_client < 1:
         raise ConfigError("--threads must be >= 1")
-    return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=cfg.sync.mode, bind=bind,
-                      server_port=server_port,
+    return LaunchPlan(run_dir=run_dir, config=cfg, clients=specs, sync=cfg.sync.mode, bind=bind, server_port=server_port,
                       device=device, backend=backend, threads_per_client=per_client, exit_after_s=exit_after_s,
-                      min_clients=min_clients, checkpoint_every=checkpoint_every,
-                      resume_checkpoint=resume_checkpoint, faults=faults, command_line=command_line, shares=shares,
-                      replan_every=replan_every)
+                      min_clients=min_clients, checkpoint_every=checkpoint_every, resume_checkpoint=resume_checkpoint,
+                      faults=faults, command_line=command_line, shares=shares, replan_every=replan_every)
 
 
 def _resolve_config(resume: Path | None, config_path: Path, *, seed: int | None, data_seed: int | None,

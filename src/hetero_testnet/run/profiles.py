@@ -23,6 +23,10 @@ from hetero_testnet.config import ModelConfig
 from hetero_testnet.config.devices import DeviceProfile, DevicesConfig
 from hetero_testnet.errors import ConfigError
 
+EMULATION = {"speed": "duty cycle: each round's compute is held for (1/speed - 1) x its measured time (run/throttle.py)",
+             "link": "shaper in the exchange: latency + max(sent/uplink, received/downlink) + lost packets x RTT, "
+                     "charged on the bytes the collective moves (exchange/faults.py; no netem/tbf)"}
+"""What the summary says ran for an emulated client (`clients.<id>.emulation`)."""
 AUTO_TIER_TOLERANCE = 1.10
 """`--tiers auto`: a client's estimated step compute may exceed the fastest client's by 10%."""
 AUTO_MAX_TIER = 3
