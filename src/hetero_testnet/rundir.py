@@ -8,6 +8,8 @@ on an O_APPEND descriptor: concurrent writers never interleave inside a line).
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 from dataclasses import dataclass
@@ -134,3 +136,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(value, dict):
             out.append(value)
     return out
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (shards, archives, checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

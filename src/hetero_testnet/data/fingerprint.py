@@ -24,6 +24,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from hetero_testnet.errors import DataError
+from hetero_testnet.rundir import sha256_file
 
 if TYPE_CHECKING:  # not imported at run time: a Ray actor imports this module, and should not load torch
     from hetero_testnet.config import DataConfig
@@ -75,14 +76,6 @@ class DataManifest:
                               for s in SPLITS})
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed data manifest ({e})") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _entries(directory: Path, pattern: str) -> tuple[ShardEntry, ...]:

@@ -52,6 +52,7 @@ from hetero_testnet.data import shards as data
 from hetero_testnet.data import tokenizer
 from hetero_testnet.data.sources import CORPUS_SOURCES, DEFAULT_SOURCES, SOURCES, Source
 from hetero_testnet.errors import DataError
+from hetero_testnet.rundir import sha256_file
 
 ProgressFn = Callable[[str, int, int], None]
 """`progress(description, steps_done, steps_total)`; the CLI draws it, this module never prints."""
@@ -133,14 +134,6 @@ def _interleave(per_source: list[list[list[int]]]) -> np.ndarray:
             before += len(ids)
     keyed.sort(key=lambda item: item[:2])              # stable: a source's documents keep their order
     return np.asarray([t for _, _, ids in keyed for t in ids], dtype=np.uint16)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +304,9 @@ def _read_sources(chosen: Sequence[Source], val_fraction: float, cache_dir: Path
             record: dict[str, object] = {
                 "name": src.name, "title": src.title, "registry": src.registry, "package": src.package,
                 "version": src.version, "licence": src.licence,
-                "archive_sha256": _sha256(archive) if archive.is_file() else None}
+                "archive_sha256": sha256_file(archive) if archive.is_file() else None}
             if src.helper_archives:
-                record["helper_archives_sha256"] = {f: _sha256(cache / f) for f in src.helper_archives}
+                record["helper_archives_sha256"] = {f: sha256_file(cache / f) for f in src.helper_archives}
             record.update({"documents": len(docs), "train_documents": len(train), "val_documents": len(val),
                            "first_val_document": docs[len(train)].name if val else None})
             records.append(record)
@@ -334,7 +327,7 @@ def _write_split(out_dir: Path, prefix: str, split: str, taken: list[list[list[i
     for k, begin in enumerate(range(0, len(stream), shard_tokens)):
         part = stream[begin:begin + shard_tokens]
         path = data.write_shard(out_dir / f"{prefix}_{split}_{k:06d}{suffix}", part)
-        entry = {"file": path.name, "split": split, "tokens": int(len(part)), "sha256": _sha256(path)}
+        entry = {"file": path.name, "split": split, "tokens": int(len(part)), "sha256": sha256_file(path)}
         if token_hashes:
             entry["tokens_sha256"] = hashlib.sha256(part.astype("<u2").tobytes()).hexdigest()
         shards.append(entry)

@@ -17,7 +17,6 @@ prefix; a tier submodel is the prefix alone, so `--helpers none` is the only cho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 
 from hetero_testnet.data.hf_tokenizer import write_hf_tokenizer
 from hetero_testnet.errors import ConfigError
+from hetero_testnet.rundir import sha256_file
 from hetero_testnet.model.checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, Checkpoint, llama_config_dict,
                                              parameter_checksum)
 from hetero_testnet.model.matformer import ffn_width, is_ffn_param, slice_ffn_state_dict
@@ -47,14 +47,6 @@ class ExportResult:
     num_parameters: int
     ffn_parameters: int
     manifest: dict[str, Any]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tier_state_dict(ckpt: Checkpoint, tier: int) -> tuple[int, dict[str, torch.Tensor]]:
@@ -82,7 +74,7 @@ def export_tier(ckpt: Checkpoint, source: Path, tier: int, out: Path, *, helpers
     manifest = {
         "format": "hetero-testnet tier export, version 1",
         "source_checkpoint": str(source.resolve()),
-        "source_model_sha256": file_sha256(source / MODEL_FILE),
+        "source_model_sha256": sha256_file(source / MODEL_FILE),
         "source_parameter_checksum": _checksum(ckpt),
         "source_step": ckpt.meta.get("step"),
         "source_run_id": ckpt.meta.get("run_id"),
