@@ -122,6 +122,18 @@ def test_analysis_in_results_json_recomputes_and_agrees_with_results_md(smoke_re
     assert all(c["significant"] in (True, False, None) for c in results["comparisons"])
 
 
+
+def test_an_incomplete_matrix_has_no_verdict_yet(smoke_report, tmp_path: Path) -> None:
+    import shutil
+
+    exp, _ = smoke_report
+    partial = tmp_path / "partial"
+    shutil.copytree(exp, partial)
+    (partial / "ORACLE-seed2" / "summary.json").unlink()   # one planned run not finished
+    result = build_report(partial).analysis
+    assert result.verdict == "pending" and result.verdict_reason.startswith("1 planned run(s) not finished yet")
+    assert "would read: " in result.verdict_reason
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_one_real_arm_with_its_own_global_batch(tmp_path: Path) -> None:

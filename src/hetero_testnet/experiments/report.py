@@ -184,6 +184,10 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
         analysis = run_analysis(declared, lambda label: configs[label].by_seed(declared.metric)
                                 if label in configs else {},
                                 lambda label, metric: configs[label].by_seed(metric) if label in configs else {})
+        missing = sum(c.runs_not_finished for c in configs.values())
+        if missing:  # a verdict is declared over the whole matrix: none before it is complete
+            analysis.verdict_reason = f"{missing} planned run(s) not finished yet; would read: {analysis.verdict}"
+            analysis.verdict = "pending"
     return Report(experiment, last_k, threshold, baseline, list(configs.values()), comparisons, holm_p,
                   paired_comps, paired_holm, _notes(manifest), refs, analysis)
 
