@@ -148,18 +148,20 @@ def parse_devices(raw: Any) -> DevicesConfig:
     profiles_raw = raw.get("profiles") or {}
     if not isinstance(profiles_raw, dict):
         raise ConfigError("config field devices.profiles must map names to {speed: ..., ...}")
-    profiles = {str(name): _profile(str(name), fields) for name, fields in profiles_raw.items()}
+    profiles = {str(name): profile_from_fields(str(name), fields, f"devices.profiles.{name}")
+                for name, fields in profiles_raw.items()}
     clients_raw = raw.get("clients") or []
     if not isinstance(clients_raw, list) or not all(isinstance(c, str) for c in clients_raw):
         raise ConfigError("config field devices.clients must be a list of profile names")
     return DevicesConfig(profiles=profiles, clients=tuple(clients_raw))
 
 
-def _profile(name: str, fields: Any) -> DeviceProfile:
+def profile_from_fields(name: str, fields: Any, where: str) -> DeviceProfile:
+    """A profile from a mapping of `PROFILE_FIELDS` (a config's `devices.profiles.<name>`, a joiner's
+    `Hello.profile`); ConfigError naming `where` on anything else."""
     if not isinstance(fields, dict):
-        raise ConfigError(f"config field devices.profiles.{name} must be a mapping of {', '.join(PROFILE_FIELDS)}")
+        raise ConfigError(f"config field {where} must be a mapping of {', '.join(PROFILE_FIELDS)}")
     unknown = sorted(str(k) for k in fields if k not in PROFILE_FIELDS)
     if unknown:
-        raise ConfigError(f"unknown config field devices.profiles.{name}.{unknown[0]} "
-                          f"(known: {', '.join(PROFILE_FIELDS)})")
+        raise ConfigError(f"unknown config field {where}.{unknown[0]} (known: {', '.join(PROFILE_FIELDS)})")
     return DeviceProfile(name=name, **fields)

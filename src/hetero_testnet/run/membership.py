@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetero_testnet.config import RunConfig
-from hetero_testnet.config.devices import PROFILE_FIELDS, DeviceProfile
+from hetero_testnet.config.devices import DeviceProfile, profile_from_fields
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.events import Event, EventWriter, RunState
 from hetero_testnet.model.matformer import ffn_width
@@ -192,10 +192,7 @@ def profile_from_hello(raw: dict[str, Any]) -> DeviceProfile | None:
     name = fields.pop("name", "client")
     if not isinstance(name, str):
         raise ConfigError("device profile name must be a string")
-    unknown = sorted(str(k) for k in fields if k not in PROFILE_FIELDS)
-    if unknown:
-        raise ConfigError(f"device profile has unknown field(s) {', '.join(unknown)}")
-    return DeviceProfile(name=name, **fields)
+    return profile_from_fields(name, fields, "hello.profile")
 
 
 def tier_rule(config: RunConfig, sync: str) -> Callable[[int], None] | None:
