@@ -60,6 +60,7 @@ class Event(StrEnum):
     RUN_STARTED = "run_started"
     STATE = "state"
     CLIENT_JOINED = "client_joined"
+    CLIENT_READY = "client_ready"
     CLIENT_REJECTED = "client_rejected"
     CLIENT_LOST = "client_lost"
     CLIENT_RESTARTED = "client_restarted"

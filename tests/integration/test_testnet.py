@@ -55,6 +55,27 @@ def test_mixed_tiers_run_finishes_with_identical_replicas(logs_dir):
     assert "step 8/8" in result.stdout
 
 
+def test_many_clients_start_together_report_their_start_up_and_finish_identical(logs_dir):
+    # issue 12: 12 clients on 2 cores take half a minute to import torch; the coordinator is
+    # ready first and waits for them all (the 32-client figures: benchmarks/scale.py)
+    n = 12
+    result = run_start(logs_dir, "many", "--num-clients", str(n), "--tiers", ",".join("01"[i % 2] for i in range(n)),
+                       "--min-clients", str(n), "--total-steps", "3", timeout=400)
+    assert result.returncode == 0, result.stderr
+    run = logs_dir / "many"
+    s = summary(run)
+    assert s["status"] == "finished" and s["replicas_identical"] is True and s["generations"] == 1
+    assert s["coordinator_cpu_s"] > 0 and s["coordinator_max_rss_mb"] > 0
+    ready = [e for e in events(run) if e["event"] == "client_ready"]
+    assert sorted(e["client_id"] for e in ready) == list(range(1, n + 1))
+    for e in ready:
+        assert {"connect", "data", "model", "exchange"} <= set(e["setup_s"]) and e["rss_mb"] > 100
+    started = next(e for e in events(run) if e["event"] == "run_started")["ts"]
+    assert all(e["ts"] >= started for e in ready)
+    sums = checksums_by_step(run)
+    assert sorted(sums) == [0, 1, 2] and all(len(v) == 1 for v in sums.values())
+
+
 def test_three_full_clients_equal_one_client(logs_dir):
     one = run_start(logs_dir, "one", "--num-clients", "1", "--tiers", "0")
     three = run_start(logs_dir, "three", "--num-clients", "3", "--tiers", "0,0,0")

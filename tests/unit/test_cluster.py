@@ -445,7 +445,8 @@ class _Handle:
 
 def test_the_launcher_leaves_restarts_to_an_engine_that_restarts_clients_itself(tmp_path):
     from hetero_testnet.events import Event
-    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.launcher import Launcher
+    from hetero_testnet.run.processes import Child
     from hetero_testnet.run.plan import FaultPlan, plan_launch
 
     plan = plan_launch(num_clients=3, config_path=TINY, logs_dir=tmp_path / "logs", name="r",
@@ -472,7 +473,8 @@ def test_the_launcher_leaves_restarts_to_an_engine_that_restarts_clients_itself(
 
 def test_a_client_asking_for_a_restart_is_restarted_by_the_engine_not_respawned(tmp_path):
     from hetero_testnet.events import Event
-    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.launcher import Launcher
+    from hetero_testnet.run.processes import Child
     from hetero_testnet.run.plan import FaultPlan, plan_launch
 
     plan = plan_launch(num_clients=2, config_path=TINY, logs_dir=tmp_path / "logs", name="r",

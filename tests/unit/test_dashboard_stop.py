@@ -50,7 +50,8 @@ def test_the_coordinator_takes_the_launchers_reason(tmp_path):
 
 
 def test_the_launcher_writes_its_reason_before_the_signal(tmp_path):
-    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.launcher import Launcher
+    from hetero_testnet.run.processes import Child
     from hetero_testnet.run.plan import plan_launch
 
     plan = plan_launch(num_clients=1, config_path=ROOT / "configs" / "tiny", logs_dir=tmp_path, name="s",

@@ -263,7 +263,8 @@ class _Events:
 
 def test_random_kills_hit_only_clients_that_trained_since_joining(tmp_path):
     from hetero_testnet.events import Event
-    from hetero_testnet.run.launcher import Child, Launcher
+    from hetero_testnet.run.launcher import Launcher
+    from hetero_testnet.run.processes import Child
 
     plan = _plan(tmp_path, faults=FaultPlan(random_kill_num=1, random_kill_interval_s=5))
     launcher = Launcher(plan)
@@ -297,3 +298,36 @@ def test_no_kills_once_only_the_last_round_is_left(tmp_path):
     assert not diloco.last_round                      # rounds at 4 and 8 are left
     diloco._note({"event": Event.STEP_COMMITTED, "step": 4, "inner_steps": 4})
     assert diloco.last_round                          # the round at 8 is the last
+
+
+def test_the_run_stops_as_failed_when_every_client_exited_before_any_joined(tmp_path):
+    from hetero_testnet.events import Event
+    from hetero_testnet.run.launcher import Launcher
+    from hetero_testnet.run.processes import Child
+
+    launcher = Launcher(_plan(tmp_path))
+    stops = []
+    launcher.request_stop = stops.append
+    first, second = _LiveProc(pid=1), _LiveProc(pid=2)
+    (tmp_path / "c1.log").write_text("error: no module named torch\n")
+    launcher.children["client-1"] = Child("client", 1, first, tmp_path / "c1.log")
+    launcher.children["client-2"] = Child("client", 2, second, tmp_path / "c2.log")
+    first.kill()
+    launcher._fail_if_no_client_can_join()
+    assert not stops                                  # one client is still starting: it may join
+    second.kill()
+    launcher.pending_restarts.append((0.0, 2))
+    launcher._fail_if_no_client_can_join()
+    assert not stops                                  # a restart is on its way
+    launcher.pending_restarts.clear()
+    launcher._fail_if_no_client_can_join()
+    assert stops and "every client exited before joining" in stops[0] and "no module named torch" in stops[0]
+    assert launcher.failure == stops[0]
+
+    joined = Launcher(_plan(tmp_path, name="j"))
+    joined.request_stop = stops.append
+    joined.children["client-1"] = Child("client", 1, _LiveProc(pid=1), tmp_path / "c1.log")
+    joined._note({"event": Event.CLIENT_JOINED, "client_id": 1, "pid": 1})
+    joined.children["client-1"].proc.kill()
+    joined._fail_if_no_client_can_join()
+    assert len(stops) == 1                            # someone joined once: the coordinator's business

@@ -311,7 +311,8 @@ def client(
     device: --speed and the link flags emulate it, see README "Devices")."""
     from hetero_testnet.events import setup_logging
     from hetero_testnet.config.devices import DeviceProfile
-    from hetero_testnet.run.client import ClientOptions, run_client
+    from hetero_testnet.run.client import run_client
+    from hetero_testnet.run.client_options import ClientOptions
     from hetero_testnet.run.plan import check_helper_fraction, check_recovery_and_network
 
     host, port = parse_address(coordinator_address)

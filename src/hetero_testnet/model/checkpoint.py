@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from hetero_testnet.config import ModelConfig, RunConfig
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters
+from hetero_testnet.model.nanogpt import NanoGPT, build_model, count_parameters, uninitialised_model
 from hetero_testnet.model.optim import MaskedAdamW
 
 MODEL_FILE = "model.safetensors"
@@ -76,11 +76,8 @@ class Checkpoint:
     meta: dict[str, Any]
 
     def build_model(self) -> NanoGPT:
-        """A model with these weights (built on meta, so no init work is wasted)."""
-        with torch.device("meta"):
-            model = NanoGPT(self.model_config)
-        model.to_empty(device="cpu")
-        model.init_buffers()
+        """A model with these weights."""
+        model = uninitialised_model(self.model_config)
         model.load_state_dict(self.model_state, strict=True)
         return model
 

@@ -37,10 +37,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 
 from hetero_testnet.run import protocol as P
@@ -57,42 +55,16 @@ from hetero_testnet.model.checkpoint import load_checkpoint, parameter_checksum,
 from hetero_testnet.model.matformer import ffn_width
 from hetero_testnet.model.nanogpt import build_model
 from hetero_testnet.model.train import evaluate_tiers
+from hetero_testnet.run.client_options import ClientOptions, PendingUpdate
 from hetero_testnet.run.client_waits import (BackgroundSaver, RoundCancelled, StuckWatchdog, await_go,
                                              wait_for_formation)
 from hetero_testnet.run.connection import Connection
+from hetero_testnet.run.startup import StartupClock, rss_mb
 from hetero_testnet.run.testhooks import DeathHooks
 from hetero_testnet.run.throttle import ComputeThrottle
 
 log = logging.getLogger("hetero_testnet")
 HEARTBEAT_INTERVAL_S = 1.0
-
-
-@dataclass
-class ClientOptions:
-    coordinator_host: str
-    coordinator_port: int
-    token: str
-    tier: int = 0
-    client_id: int | None = None
-    helper_fraction: float = 0.0
-    helper_rotation_interval: int = 16
-    threads: int = 1
-    device: str = "cpu"
-    data_dir: Path | None = None
-    """Override the config's data location (a client on another machine)."""
-    coordinator_timeout_s: float = 15.0
-    connect_timeout_s: float = 20.0
-    profile: DeviceProfile = field(default_factory=DeviceProfile)
-    """The device this client emulates: its compute speed (`run/throttle.py`) and link (the exchange's shaper)."""
-
-
-@dataclass(frozen=True)
-class PendingUpdate:
-    """A reduced round waiting for the coordinator's Commit (or Discard): the update is in the stepper."""
-
-    step: int
-    inner_steps: int = 1
-    """Steps the round covers: the state after its commit is that of step `step + inner_steps`."""
 
 
 class Client:
@@ -124,7 +96,7 @@ class Client:
             raise PeerLostError(f"unexpected first reply {reply.type}")
         return reply
 
-    def setup(self, welcome: P.Welcome) -> None:
+    def setup(self, welcome: P.Welcome, clock: StartupClock | None = None) -> None:
         self.client_id = self.hooks.client_id = welcome.client_id
         self.welcome = welcome
         self.cfg: RunConfig = parse_run_config(welcome.config, base_dir=Path.cwd())
@@ -135,11 +107,14 @@ class Client:
         self.device = torch.device(self.opts.device)
         self.train_data = open_split(self.cfg.data, "train", m.max_seq_len, m.vocab_size, self.cfg.data_order_seed)
         self.val_data = open_split(self.cfg.data, "val", m.max_seq_len, m.vocab_size)
+        clock = clock or StartupClock()
+        clock.mark("data")
         self.model = build_model(m, self.cfg.seed).to(self.device)
         ckpt = load_checkpoint(Path(welcome.initial_checkpoint)) if welcome.initial_checkpoint else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt.model_state)
             self.applied_step = int(ckpt.meta.get("step", 0))
+        clock.mark("model")
         if self.exchange is None:
             self.exchange = GradientExchange(welcome.store_host, welcome.store_port, welcome.backend,
                                              self.opts.connect_timeout_s)
@@ -148,6 +123,7 @@ class Client:
         self.stepper = self._build_stepper()
         if ckpt is not None and ckpt.optimizer_state is not None:
             self.stepper.load_optimizer_state(ckpt.optimizer_state)
+        clock.mark("exchange")
         log.info("joined run %s as client %d: tier %d, ffn width %d, %d threads", welcome.run_id,
                  self.client_id, self.opts.tier, self.width, torch.get_num_threads())
 
@@ -173,12 +149,14 @@ class Client:
                 pass  # the main loop notices and decides (rejoin or exit)
 
     def run(self) -> int:
+        clock = StartupClock()
         welcome = self.connect()
+        clock.mark("connect")
         self._stopping = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
-            self.setup(welcome)  # building the model can take seconds: heartbeats already flow
-            self.conn.send(P.Ready())  # now it can form a group at once
+            self.setup(welcome, clock)  # building the model can take seconds: heartbeats already flow
+            self.conn.send(P.Ready(setup_s=clock.phases(), rss_mb=rss_mb()))  # it can form a group at once
             return self._loop()
         finally:
             self._stopping.set()
@@ -335,7 +313,7 @@ class Client:
                                  trained_batches=out.sequences, ffn_width=self.width,
                                  helper_neurons=out.helper_neurons, compute_time_s=out.compute_time_s,
                                  exchange_time_s=out.exchange_time_s, grad_norm=P.sanitize_float(out.grad_norm),
-                                 nan_inf=nan_inf, rss_mb=psutil.Process().memory_info().rss / 2**20,
+                                 nan_inf=nan_inf, rss_mb=rss_mb(),
                                  bytes_sent=out.bytes_sent, bytes_received=out.bytes_received,
                                  inner_steps=r.inner_steps, collective_time_s=self.exchange.collective_time_s,
                                  throttle_s=self.round_throttle_s))

@@ -302,7 +302,7 @@ class Coordinator:
                          samples={str(c): [[r.start, r.count] for r in w.all_ranges()]
                                   for c, w in self.round_plan.work.items()},
                          exchange_timeout_s=self.exchange_timeouts.timeout_s, flops=flops,
-                         flops_trained=self.capacity.flops_trained)
+                         flops_trained=self.capacity.flops_trained, coordinator_cpu_s=round(time.process_time(), 3))
         totals.step += inner_steps
         totals.data_index += inner_steps * batch
         self.rounds.committed(step)

@@ -176,11 +176,16 @@ class Inbox:
 
         The first time without `expected` it always waits the extra time (late starters may join);
         afterwards `need` is enough at once. Raises RunAborted when fewer than `need` are ready
-        after `timeout_s`, unless enough others are connected and still setting up (for at most
-        `setup_s` since they joined: a restarted client builds its model before it is `Ready`).
+        after `timeout_s` without progress (a member connecting or becoming ready restarts the
+        clock), unless enough others are connected and still setting up (for at most `setup_s` since
+        they joined: a restarted client builds its model before it is `Ready`). The first wait of a
+        launched run (`expected`) starts its clock at the first connection: its clients may take
+        long to start (32 importing torch on 2 cores: about a minute), and the launcher fails the
+        run when they all exit before joining.
         """
         deadline = time.monotonic() + timeout_s
         enough_since: float | None = None
+        most = (0, 0)  # the most members connected, and ready, so far: more is progress
         while True:
             alive = len(self.membership.ready())
             if alive >= max(need, expected) and (expected or not first):
@@ -194,12 +199,16 @@ class Inbox:
             wait_until = min(deadline, (enough_since + extra_time_s) if enough_since else deadline)
             item = await self.next_message(wait_until)
             now = time.monotonic()
+            counts = (len(self.membership.alive()), len(self.membership.ready()))
+            if counts[0] > most[0] or counts[1] > most[1] or (first and expected and not counts[0]):
+                deadline = max(deadline, now + timeout_s)
+            most = (max(most[0], counts[0]), max(most[1], counts[1]))
             coming = [m for m in self.membership.alive() if not m.ready and now - m.joined_at < setup_s]
             if item is None and now >= deadline and alive + len(coming) >= need:
                 deadline = min(m.joined_at for m in coming) + setup_s  # give them their setup time
             elif item is None and now >= deadline:
                 raise RunAborted(f"only {alive} of the {need} clients needed (min_clients) were connected and ready "
-                                 f"after waiting {timeout_s:.0f} s")
+                                 f"after {timeout_s:.0f} s without one arriving")
 
     async def gather(self, members: list[Member], accept: Callable[[Member, Any], bool | str],
                      deadline: float, *, step: int) -> Gathered:

@@ -8,20 +8,19 @@ token over in the environment, never on a command line.
 
 Guarantee: when `Launcher.run` returns or raises, every process it started, and their children,
 has exited. Ctrl-C / `exit_after_s` ask the coordinator to stop (status interrupted); a crash of
-the coordinator stops the clients; a client crash is the coordinator's business (fault tolerance).
+the coordinator stops the clients; a client crash is the coordinator's business (fault tolerance),
+except when every client exits before any joined (RunFailedError: nobody can ever come).
+Clients beyond the cores the coordinator leaves idle start once it is ready (`_start_processes`).
 
 Faults: `--random-kill-*` SIGKILLs eligible clients every interval and restarts them with the
-same client id after a delay; every kill and restart is an event in `events.jsonl`. A client is
-eligible once its current process has joined the run (a `client_joined` event with its pid) and
-then trained a round (a `client_step` of its id after that): a process still starting or still
-receiving state holds nothing to lose, and killing restarts again and again before they train would
-only starve the run (seen with kills every 5-6 s and 5-20 s start-ups on 2 loaded cores: the killed
-client rejoined and was killed again before its first round, run after run). Kills aimed at group
-formation and the state broadcast are the test hooks' job (`run/testhooks.py`), which time them
-exactly. An interval with no eligible client skips its kill, and none comes once only the last round
-is left (a kill racing the switch to Cooldown left nobody to validate or save the model). Crash-only:
-a client that exits with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group; 76: a
-test hook killed it) is restarted the same way.
+same client id after a delay; every kill and restart is an event in `events.jsonl`. Eligible: a
+client whose current process joined (a `client_joined` with its pid) and then trained a round;
+killing processes still starting only starved the run (on 2 loaded cores a client killed every
+5-6 s was killed again before its first round, run after run). Kills aimed at formation and the
+state broadcast are the test hooks' job (`run/testhooks.py`). No kill comes once only the last
+round is left (one racing the switch to Cooldown left nobody to validate or save the model).
+Crash-only: a client exiting with `RESTART_EXIT_CODES` (75: it gave up on a stuck process group;
+76: a test hook killed it) is restarted the same way.
 
 Engines (`run/engine.py`): clients run as the launcher's subprocesses (`--engine local`) or as Ray
 actors (`--engine ray`). Under Ray a kill is `ray.kill` and Ray restarts the actor itself: the
@@ -39,7 +38,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,8 @@ from hetero_testnet.events import Event, EventTail, EventWriter, RunState
 from hetero_testnet.run.engine import client_env_vars, make_engine
 from hetero_testnet.run.plan import ClientSpec, LaunchPlan
 from hetero_testnet.run.profiles import EMULATION
-from hetero_testnet.run.processes import kill_tree, last_error_line, spawn_supervised, stop
+from hetero_testnet.run.processes import Child, kill_tree, last_error_line, spawn_supervised, stop, wait_for_file
+from hetero_testnet.run.sockets import bind_listening
 from hetero_testnet.rundir import RunDir, read_json, write_json_atomic
 
 READY_TIMEOUT_S = 60.0
@@ -66,37 +65,13 @@ _ENDING_STATES = frozenset(state.value for state in RunState if state.is_ending)
 """`state` events whose `new` state ends the run (Cooldown, Finished): no more kills or restarts."""
 
 
-@dataclass
-class Child:
-    role: str
-    client_id: int | None
-    proc: subprocess.Popen | Any
-    """A Popen, or the engine's handle shaped like one (`run/engine.py`)."""
-    log_path: Path
-    kills: int = 0
-    restarts: int = 0
-    restart_scheduled: bool = False
-    """Its exit asked for a restart that is already scheduled (crash-only)."""
-    joined: bool = False
-    """Its current process has joined the run."""
-    trained: bool = False
-    """Its current process has trained a round since joining (it may be killed by the fault injection)."""
-
-
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The coordinator's listening socket, bound here so that the port is known (and checked)
-    before anything starts; the coordinator inherits it, and clients can connect at once."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """The coordinator's listening socket, which it inherits; clients can connect at once."""
     try:
-        s.bind((host, port))
+        return bind_listening(host, port, inheritable=True)
     except OSError as e:
-        s.close()
         raise ConfigError(f"port {port} on {host} is in use or unavailable ({e.strerror})",
                           hint="pass --server-port 0 to use any free port") from e
-    s.listen(128)
-    s.set_inheritable(True)
-    return s
 
 
 class Launcher:
@@ -117,6 +92,9 @@ class Launcher:
         self.pending_restarts: list[tuple[float, int]] = []
         self.events: EventWriter | None = None
         self.fault_counts = {"kills": 0, "restarts": 0}
+        self.failure: str | None = None
+        """Why the launcher stopped the run as failed (it raises RunFailedError once all is stopped)."""
+        self.anyone_joined = False
         self.engine = make_engine(plan, self.token)
 
     # ------------------------------------------------------------------ spawning
@@ -167,18 +145,14 @@ class Launcher:
                            self.files.client_log(spec.client_id), self.plan.threads_per_client, spec=spec)
 
     def _wait_ready(self, coordinator: Child, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.files.ready.exists():
-                return read_json(self.files.ready)
-            code = coordinator.proc.poll()
-            if code is not None:
-                reason = last_error_line(coordinator.log_path) or f"exit code {code}"
-                cls = ConfigError if code == 2 else RunFailedError
-                raise cls(f"coordinator failed to start: {reason}")
-            time.sleep(0.05)
-        raise RunFailedError(f"coordinator did not become ready within {timeout_s:.0f} s "
-                             f"(see {coordinator.log_path})")
+        if wait_for_file(self.files.ready, coordinator.proc, timeout_s):
+            return read_json(self.files.ready)
+        code = coordinator.proc.poll()
+        if code is None:
+            raise RunFailedError(f"coordinator did not become ready within {timeout_s:.0f} s "
+                                 f"(see {coordinator.log_path})")
+        reason = last_error_line(coordinator.log_path) or f"exit code {code}"
+        raise (ConfigError if code == 2 else RunFailedError)(f"coordinator failed to start: {reason}")
 
     # ------------------------------------------------------------------ running
     def prepare_run_dir(self) -> None:
@@ -233,9 +207,6 @@ class Launcher:
                              tiers=[c.tier for c in p.clients], helper_fractions=[c.helper_fraction for c in p.clients],
                              sync=p.sync, total_steps=p.config.timing.total_steps, command_line=p.command_line)
             coordinator, address = self._start_processes(listener)
-            self._wait_ready(coordinator)
-            self.coordinator_ready = True
-            self._forward_stop()
             self._supervise(coordinator, tail, address)
         except KeyboardInterrupt:
             interrupted = True
@@ -244,17 +215,27 @@ class Launcher:
             code = self._shutdown(interrupted)
             for event in tail.poll():
                 self.on_event(event)
+        if self.failure:
+            raise RunFailedError(self.failure)
         return code
 
     def _start_processes(self, listener: socket.socket) -> tuple[Child, str]:
-        """The coordinator (holding `listener`), then every client; returns it and its address."""
+        """The coordinator (holding `listener`) and the clients; returns it and its address. Clients start
+        beside it only on cores it leaves idle (one fewer than the cores), the rest once it is ready:
+        32 started beside it made its torch import share 2 cores 33 ways (past READY_TIMEOUT_S)."""
         p = self.plan
         coordinator = self._spawn("coordinator", "coordinator", None, p.coordinator_args(listener.fileno()),
                                   self.files.coordinator_log, 1, pass_fds=(listener.fileno(),))
         port = listener.getsockname()[1]
-        listener.close()  # the coordinator holds it now
+        listener.close()  # the coordinator holds it now; clients queue in its backlog until it accepts
         address = self.engine.client_address(p.bind, port, p.advertise_host)
-        for spec in p.clients:  # they queue in the listen backlog until the coordinator accepts
+        early = max(0, len(os.sched_getaffinity(0)) - 1)
+        for spec in p.clients[:early]:
+            self._spawn_client(spec, address)
+        self._wait_ready(coordinator)
+        self.coordinator_ready = True
+        self._forward_stop()
+        for spec in p.clients[early:]:
             self._spawn_client(spec, address)
         return coordinator, address
 
@@ -275,6 +256,7 @@ class Launcher:
                 next_kill = now + p.faults.random_kill_interval_s
             self._restart_crashed()
             self._restart_due(address)
+            self._fail_if_no_client_can_join()
             for child in [c for c in self.children.values() if c.role == "client"]:
                 self._adopt(child)
             self.engine.pump()
@@ -287,6 +269,7 @@ class Launcher:
         if kind == Event.STEP_COMMITTED and isinstance(event.get("step"), int):
             inner = int(event.get("inner_steps") or 1)  # the next round is at most as long (diloco: H)
             self.last_round = event["step"] + 2 * inner >= self.plan.config.timing.total_steps
+        self.anyone_joined = self.anyone_joined or kind == Event.CLIENT_JOINED
         if kind == Event.CLIENT_JOINED and (child := self.children.get(f"client-{event.get('client_id')}")):
             if child.proc.pid != event.get("pid"):
                 self._adopt(child, wait=True)  # an engine's client may join before its pid is known
@@ -295,6 +278,17 @@ class Launcher:
             child = self.children.get(f"client-{event.get('client_id')}")
             if child is not None and child.joined:
                 child.trained = True
+
+    def _fail_if_no_client_can_join(self) -> None:
+        """Stop the run (failed) when every client exited before any joined: nobody can ever come
+        (the coordinator's first wait counts from the first connection, `run/inbox.py`)."""
+        clients = [c for c in self.children.values() if c.role == "client"]
+        if self.stop_requested or self.anyone_joined or self.pending_restarts or any(
+                c.proc.poll() is None for c in clients):
+            return
+        why = last_error_line(clients[0].log_path) or f"exit code {clients[0].proc.poll()}"
+        self.failure = f"every client exited before joining (client {clients[0].client_id}: {why})"
+        self.request_stop(self.failure)
 
     def _random_kill(self) -> None:
         f = self.plan.faults

@@ -10,6 +10,8 @@ with fault injection, so it is written by hand, but only here.
 - `stop` walks a ladder of (signal, wait) rungs until the process has exited; every wait is bounded.
 - `kill_tree` SIGKILLs processes and all their descendants and waits (bounded) until they are gone.
 - `last_error_line` is what a failed child last reported, for humans (never parsed further).
+- `wait_for_file` waits (bounded) for a file a child writes when it is ready; `Child` is the
+  launcher's record of one supervised role.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import ctypes
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -30,6 +35,23 @@ KILL_WAIT_S = 5.0
 
 Ladder = Sequence[tuple[signal.Signals | None, float]]
 """Rungs of `stop`: send the signal (None: send nothing), then wait up to that many seconds."""
+
+
+@dataclass
+class Child:
+    role: str
+    client_id: int | None
+    proc: subprocess.Popen | Any
+    """A Popen, or the engine's handle shaped like one (`run/engine.py`)."""
+    log_path: Path
+    kills: int = 0
+    restarts: int = 0
+    restart_scheduled: bool = False
+    """Its exit asked for a restart that is already scheduled (crash-only)."""
+    joined: bool = False
+    """Its current process has joined the run."""
+    trained: bool = False
+    """Its current process has trained a round since joining (it may be killed by the fault injection)."""
 
 
 def _own_session_dying_with_parent() -> None:
@@ -113,3 +135,15 @@ def last_error_line(log_path: Path) -> str | None:
         if line.startswith("error:"):
             return line[len("error:"):].strip()
     return lines[-1] if lines else None
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until `path` exists (True), `proc` exits (False) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return path.exists()
+        time.sleep(0.05)
+    return path.exists()

@@ -66,6 +66,10 @@ class Ready(Message):
     """The client is set up (model built, data open) and can form a group; sent once per connection."""
 
     type: ClassVar[str] = "ready"
+    setup_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per start-up phase (`run/startup.PHASES`), for the `client_ready` event."""
+    rss_mb: float = 0.0
+    """Its resident memory once set up, MiB."""
 
 
 @dataclass(kw_only=True)

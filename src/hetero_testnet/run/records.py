@@ -21,6 +21,7 @@ from hetero_testnet.errors import RunAborted
 from hetero_testnet.events import Event, EventWriter
 from hetero_testnet.run import protocol as P
 from hetero_testnet.run.membership import Member
+from hetero_testnet.run.startup import checked_phases
 from hetero_testnet.run.step_metrics import witness_line, witness_metrics
 from hetero_testnet.run.summary import RunTotals
 
@@ -82,6 +83,11 @@ class StepRecords:
                 result = {**result, "client_id": member.client_id}
                 self.eval_results[message.step].append(result)
                 self.events.emit(Event.EVAL, step=message.step, **result)
+            return True
+        if isinstance(message, P.Ready):
+            rss = message.rss_mb if 0.0 <= message.rss_mb < 2**30 else None
+            self.events.emit(Event.CLIENT_READY, client_id=member.client_id, log=False,
+                             setup_s=checked_phases(message.setup_s), rss_mb=None if rss is None else round(rss, 1))
             return True
         if isinstance(message, P.Saved):
             self.totals.saved_steps.add(message.step)

@@ -26,6 +26,7 @@ from hetero_testnet.run import protocol as P
 from hetero_testnet.run.coordinator import Coordinator
 from hetero_testnet.run.plan import CoordinatorOptions
 from hetero_testnet.run.schedule import val_loss_key
+from hetero_testnet.run.sockets import bind_listening
 from hetero_testnet.run.summary import build_summary
 from hetero_testnet.rundir import read_json_or_none, write_json_atomic
 
@@ -98,16 +99,10 @@ async def _listen(c: Coordinator) -> asyncio.Server:
 
 def _bound_socket(host: str) -> int:
     """A listening TCP socket on `host`, any free port; its descriptor is handed over to the store."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, 0))
+        return bind_listening(host, 0).detach()
     except OSError as e:
-        sock.close()
         raise ConfigError(f"cannot open the rendezvous store on {host}: {e.strerror or e}") from e
-    sock.listen(128)
-    return sock.detach()
 
 
 async def _finish(c: Coordinator, status: str, reason: str) -> None:

@@ -9,6 +9,7 @@ The launcher later adds what only it knows (client exit codes, kills and restart
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -91,6 +92,8 @@ def build_summary(totals: RunTotals, members: Iterable[Member], *, cfg: RunConfi
         "rejected_connections": counters["rejected"], "nan_inf_steps": counters["nan_inf_steps"],
         "restores": counters["restores"], "replayed_steps": counters["replayed_steps"],
         "time_lost_s": round(totals.lost_time_s, 3),
+        "coordinator_cpu_s": round(time.process_time(), 3),
+        "coordinator_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "checkpoint": str(run_dir.checkpoint) if totals.step in totals.saved_steps else None,
         "shares": capacity.shares.mode if capacity is not None else None,
         "utilisation": capacity.utilisation if capacity is not None else None,
