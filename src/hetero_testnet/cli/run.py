@@ -218,9 +218,8 @@ def coordinator(
                                           "checkpoint go.")] = Path("logs/coordinator"),
     bind: Annotated[str, typer.Option("--bind", help="Address to listen on.")] = "127.0.0.1",
     server_port: Annotated[int, typer.Option("--server-port", help="Port (0 = any free port).")] = 20000,
-    expect_clients: Annotated[int, typer.Option("--expect-clients", help="Start as soon as this many clients "
-                                                "joined (0 = config's init_min_clients plus its extra time); "
-                                                "then waiting_for_members_timeout counts from the first one.")
+    expect_clients: Annotated[int, typer.Option("--expect-clients", help="Start once this many joined (0 = "
+                                                "init_min_clients + extra time); the wait counts from the first.")
                               ] = 0,
     sync: Annotated[Optional[str], typer.Option("--sync", help="allreduce | none | demo | diloco (default: the "
                                                 "config's; the mode's settings come from its sync: section).")
