@@ -146,10 +146,11 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     the cross-entropy over them is memory-bound (perf-facts.md). Since the loss is the last op, its
     gradient wrt the logits, `(softmax - onehot) / N`, is known in the forward pass: each chunk's
     logits are made, turned into their gradient in place and consumed by the two gradient matmuls
-    before the next chunk, so at most one (chunk, V) buffer exists (softmax made in place: a
-    `log_softmax` beside the logits doubled the peak of the head, 0.4 GB per 1024-token chunk). This is the "fused linear
-    cross-entropy" idea (as in Liger-Kernel). Backward only scales the stored gradients by the
-    incoming scalar. The math equals `F.cross_entropy(h @ W^T, targets)` up to summation order.
+    before the next chunk, so at most one (chunk, V) buffer exists (the softmax is made in place: a
+    `log_softmax` beside the logits doubled the head's peak, 0.4 GB per 1024-token chunk). This is
+    the "fused linear cross-entropy" idea (as in Liger-Kernel). Backward only scales the stored
+    gradients by the incoming scalar. The math equals `F.cross_entropy(h @ W^T, targets)` up to
+    summation order.
     """
 
     @staticmethod
