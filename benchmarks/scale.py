@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def main() -> None:
     if args.keep:
         print(f"logs kept in {work}", file=sys.stderr)
     else:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"mode": args.mode, **result}, default=str))
 
 
