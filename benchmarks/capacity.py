@@ -78,7 +78,7 @@ VARIANTS = [
 def derived_config(config: str, global_batch: int, eval_every: int, work: Path) -> Path:
     """The config with its global batch and validation interval changed, written under `work`."""
     from hetero_testnet.config import dump_yaml, load_run_config
-    from hetero_testnet.experiments.spec import with_global_batch
+    from hetero_testnet.experiments.derived import with_global_batch
 
     cfg = with_global_batch(load_run_config(config), global_batch)
     cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=eval_every))

@@ -1,6 +1,8 @@
-"""configs/experiments/weak-clients-smoke.yaml, the CI version of weak-clients.yaml: the whole matrix
-through the runner against a fake `testnet start` (seconds), its report's pre-registered analysis
-recomputed from results.json alone, and (slow) one real run of an arm with its own global batch.
+"""configs/experiments/weak-clients-smoke.yaml and slow-link-smoke.yaml, the CI versions of
+weak-clients.yaml and its second table slow-link.yaml: both matrices through the runner against a fake
+`testnet start` (seconds; slow-link takes HET and DROP from weak-clients), the pre-registered analysis
+recomputed from results.json alone, and (slow) one real run of an arm with its own global batch and one
+real DeMo run on emulated laptops.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hetero_testnet.experiments.derived import build_derived_config
 from hetero_testnet.experiments.export import write_report
 from hetero_testnet.experiments.report import build_report
 from hetero_testnet.experiments.runner import ExperimentRunner
@@ -21,7 +24,9 @@ from hetero_testnet.experiments.stats import holm, paired, tost_paired
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "experiments" / "weak-clients-smoke.yaml"
 FULL = ROOT / "configs" / "experiments" / "weak-clients.yaml"
-OFFSETS = {"HET": 0.0, "CM": 0.004, "SMALL": 0.30, "DROP": 0.12, "ORACLE": -0.10}
+SLOW_SMOKE = ROOT / "configs" / "experiments" / "slow-link-smoke.yaml"
+SLOW_FULL = ROOT / "configs" / "experiments" / "slow-link.yaml"
+OFFSETS = {"HET": 0.0, "CM": 0.004, "SMALL": 0.30, "DROP": 0.12, "ORACLE": -0.10, "DEMO": 0.005, "DILOCO": 0.03}
 
 FAKE = textwrap.dedent('''
     import json, os, sys, time
@@ -43,7 +48,7 @@ FAKE = textwrap.dedent('''
         for t in sorted({0, 2, *tiers}):
             # tiers a mix never trained are bad; seed noise differs per arm so paired tests have spread
             untrained = 1.0 if t < min(tiers) else 0.0
-            ev("eval", 2, 1, tier=t, val_loss=9.0 + offset + 0.05 * t + untrained + 0.0003 * ((seed * len(label)) % 5),
+            ev("eval", 2, 1, tier=t, val_loss=9.0 + offset + 0.05 * t + untrained + 0.0003 * ((seed * sum(map(ord, label))) % 5),
                num_samples=8)
     clients = {str(c): {"tier": t, "connected_at_end": True, "exit_code": 0, "kills": 0} for c, t in enumerate(tiers, 1)}
     json.dump({"status": "finished", "reason": "finished", "steps_completed": 2, "total_steps": 2, "sync": "allreduce",
@@ -94,8 +99,18 @@ def test_runs_seed_major_each_arm_from_its_own_config(smoke_report) -> None:
 def test_analysis_in_results_json_recomputes_and_agrees_with_results_md(smoke_report) -> None:
     exp, results = smoke_report
     analysis = results["analysis"]
+    by = _assert_recomputes(results)
+    assert by["HET-SMALL"]["outcomes"][0] == "better" and by["HET-DROP"]["outcomes"][0] == "better"
+    assert by["HET-CM"]["non_inferior"] and analysis["checks"][0]["passed"]
+    assert analysis["verdict"] == "helps"
+    _assert_md_agrees(exp, results)
+
+
+def _assert_recomputes(results: dict) -> dict[str, dict]:
+    """Recompute the primary comparisons from results.json alone (the widest trained tier of each run,
+    paired by seed, Holm over the family, TOST at delta); returns them by name."""
+    analysis = results["analysis"]
     declared = analysis["declared"]
-    # recompute from results.json alone: the widest trained tier of each run, paired by seed
     widest: dict[str, dict[int, float]] = {}
     for run in results["runs"]:
         widest.setdefault(run["label"], {})[run["seed"]] = run["val_loss_by_tier"][str(min(run["tiers"]))]
@@ -106,12 +121,15 @@ def test_analysis_in_results_json_recomputes_and_agrees_with_results_md(smoke_re
         assert c["significant"] == (p_adj < declared["alpha"])
         eq = tost_paired(widest[c["a"]], widest[c["b"]], declared["delta"])
         assert c["equivalent"] == eq.equivalent(declared["alpha"])
-    by = {c["comparison"]: c for c in comps}
-    assert by["HET-SMALL"]["outcomes"][0] == "better" and by["HET-DROP"]["outcomes"][0] == "better"
-    assert by["HET-CM"]["non_inferior"] and analysis["checks"][0]["passed"]
-    assert analysis["verdict"] == "helps"
+    return {c["comparison"]: c for c in comps}
+
+
+def _assert_md_agrees(exp: Path, results: dict) -> None:
+    """results.md states the analysis of results.json: the same decisions under the same field names."""
+    analysis = results["analysis"]
+    comps = analysis["comparisons"]
     md = (exp / "report" / "results.md").read_text()
-    assert "## Pre-registered analysis" in md and "**Verdict: helps**" in md
+    assert "## Pre-registered analysis" in md and f"**Verdict: {analysis['verdict']}**" in md
     for c in comps:   # the same decision under the same field names
         row = next(line for line in md.splitlines() if line.startswith(f"| `{c['comparison']}` |"))
         assert ("**true**" if c["significant"] else "false") in row.split("|")[14]
@@ -120,7 +138,6 @@ def test_analysis_in_results_json_recomputes_and_agrees_with_results_md(smoke_re
     assert results["references"]["unigram"] is not None and "## Reference lines" in md
     assert (exp / "report" / "primary_diff.png").stat().st_size > 0
     assert all(c["significant"] in (True, False, None) for c in results["comparisons"])
-
 
 
 def test_an_incomplete_matrix_has_no_verdict_yet(smoke_report, tmp_path: Path) -> None:
@@ -143,3 +160,61 @@ def test_one_real_arm_with_its_own_global_batch(tmp_path: Path) -> None:
     events = [json.loads(x) for x in (outcome.run_dir / "events.jsonl").read_text().splitlines()]
     committed = [e for e in events if e["event"] == "step_committed"]
     assert len(committed) == 2 and all(e["tokens"] == 5 * 32 for e in committed)
+
+
+# --------------------------------------------------------------------------- the second table: slow-link
+
+def test_slow_link_smoke_matches_its_full_file_and_reuses_weak_clients_runs_exactly() -> None:
+    smoke, full = load_experiment(SLOW_SMOKE), load_experiment(SLOW_FULL)
+    shape = lambda spec: [(c.label, c.tiers, c.sync, c.devices, c.reuse is not None) for c in spec.configurations]
+    assert shape(smoke) == shape(full)
+    for field in ("comparisons", "secondary", "checks", "verdicts", "metric", "delta", "alpha"):
+        assert getattr(smoke.analysis, field) == getattr(full.analysis, field)
+    assert len(full.seeds) >= 5 and full.order == "seed"
+    # the reused arms must be the very runs of weak-clients: the same derived config, hence fingerprint
+    for slow, weak in ((full, load_experiment(FULL)), (smoke, load_experiment(SMOKE))):
+        slow_fp = ExperimentRunner(slow, Path("unused")).fingerprints(build_derived_config(slow))
+        weak_fp = ExperimentRunner(weak, Path("unused")).fingerprints(build_derived_config(weak))
+        for c in slow.configurations:
+            if c.reuse is not None:
+                assert c.reuse == weak.name and slow_fp[c.label] == weak_fp[c.label], c.label
+                assert weak.configuration(c.label).tiers == c.tiers
+
+
+def test_slow_link_matrix_takes_het_and_drop_and_its_analysis_recomputes(smoke_report) -> None:
+    weak_exp, _ = smoke_report
+    script = weak_exp.parent.parent / "fake_start.py"
+    runner = ExperimentRunner(load_experiment(SLOW_SMOKE), weak_exp.parent,
+                              command_prefix=[sys.executable, str(script)], poll_s=0.05)
+    outcomes = runner.run()
+    assert {o.run.name: o.status for o in outcomes} == {
+        **{f"{arm}-seed{s}": "reused" for arm in ("HET", "DROP") for s in (1, 2)},
+        **{f"{arm}-seed{s}": "finished" for arm in ("DEMO", "DILOCO") for s in (1, 2)}}
+    exp = runner.experiment_dir
+    started = [json.loads(x) for x in (exp / "runs.jsonl").read_text().splitlines()]
+    demo = next(r for r in started if r["event"] == "run_started" and r["run"] == "DEMO-seed1")["command"]
+    assert demo[demo.index("--sync") + 1] == "demo"
+    config = Path(demo[demo.index("--config-path") + 1]).read_text()
+    assert "- laptop" in config and "chunk: 16" in config
+    write_report(build_report(exp), exp / "report")
+    results = json.loads((exp / "report" / "results.json").read_text())
+    by = _assert_recomputes(results)
+    assert by["DEMO-DROP"]["outcomes"][0] == "better" and by["DEMO-HET"]["non_inferior"]
+    assert results["analysis"]["checks"][0]["passed"]
+    _assert_md_agrees(exp, results)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_one_real_demo_run_on_emulated_laptops(tmp_path: Path) -> None:
+    runner = ExperimentRunner(load_experiment(SLOW_SMOKE), tmp_path / "logs", only=("DEMO-seed1",))
+    (outcome,) = runner.run()
+    assert outcome.status == "finished", outcome.reason
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["sync"] == "demo"
+    clients = summary["clients"]
+    assert clients["1"]["profile"]["name"] == "local" and clients["2"]["profile"]["name"] == "laptop"
+    laptop = clients["2"]
+    # the link was charged: a laptop's exchange took at least what its bytes take on a 2.5 MB/s uplink
+    assert laptop["exchange_s"] >= laptop["bytes_sent"] / laptop["profile"]["uplink_bytes_per_s"]
+    assert laptop["emulated_s"] > 0 and "duty cycle" in laptop["emulation"]["speed"]

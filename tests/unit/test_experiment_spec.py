@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from hetero_testnet.errors import ConfigError
-from hetero_testnet.experiments.spec import (DEFAULT_REPORT, build_derived_config, expand, load_experiment,
-                                            load_report_notes)
+from hetero_testnet.experiments.derived import build_derived_config
+from hetero_testnet.experiments.spec import DEFAULT_REPORT, expand, load_experiment, load_report_notes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny"
@@ -119,7 +119,7 @@ def test_global_batch_order_and_analysis(tmp_path):
     b = next(r for r in runs if r.label == "b")
     assert "global_batch" not in b.to_dict()            # identities recorded before the field still match
     assert spec.analysis.comparisons[0].a == "a" and spec.analysis.metric == "val_loss_tier0"
-    from hetero_testnet.experiments.spec import with_global_batch
+    from hetero_testnet.experiments.derived import with_global_batch
     cfg = with_global_batch(build_derived_config(spec), 5)
     assert (cfg.timing.global_batch_size_start, cfg.timing.global_batch_size_end) == (5, 5)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hetero_testnet.experiments.spec import build_derived_config, config_fingerprint, load_experiment
+from hetero_testnet.experiments.derived import build_derived_config, config_fingerprint
+from hetero_testnet.experiments.spec import load_experiment
 from hetero_testnet.experiments.runner import write_manifest
 from hetero_testnet.experiments.report import build_report
 from hetero_testnet.experiments.run_result import load_run

@@ -56,10 +56,13 @@ class RichRunnerView(RunnerObserver):
         self.progress.stop()
 
     def planned(self, actions) -> None:
-        todo = [a for a in actions if a.action != "skip"]
-        skipped = len(actions) - len(todo)
+        todo = [a for a in actions if a.action not in ("skip", "reuse")]
+        skipped = sum(a.action == "skip" for a in actions)
+        reused = [a for a in actions if a.action == "reuse"]
         if skipped:
             self.console.print(f"{skipped} run(s) already finished: skipped")
+        if reused:
+            self.console.print(f"{len(reused)} run(s) taken from another experiment ({reused[0].detail}, ...)")
         if not todo:
             return
         self.runs_task = self.progress.add_task("runs", total=len(todo))
@@ -119,7 +122,7 @@ def run(
     with RichRunnerView(console) as view:
         runner.observer = view
         outcomes = runner.run()
-    not_finished = [o for o in outcomes if o.status not in ("finished", "skipped")]
+    not_finished = [o for o in outcomes if o.status not in ("finished", "skipped", "reused")]
     if report:
         _report_after_run(console, runner.experiment_dir)
     if not_finished:

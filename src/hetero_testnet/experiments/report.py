@@ -62,7 +62,7 @@ from hetero_testnet.experiments.stats import Comparison, MeanCI, holm, mean_ci, 
 DIFF_METRICS = ("val_loss_tier0", "train_loss_tier0")
 PRIMARY_METRIC = "val_loss_tier0"
 """Full-model validation loss: what configurations are judged on (the paired test and the conclusions)."""
-_FAILED_DIR = re.compile(r"\.failed-\d+$")
+_FAILED_DIR = re.compile(r"\.failed-\d+$|\.copying$")
 
 
 # --------------------------------------------------------------------------- configurations
@@ -193,7 +193,8 @@ def build_report(experiment_dir: Path, *, last_k: int | None = None, grad_norm_t
 
 
 def _run_dirs(experiment_dir: Path) -> list[Path]:
-    """Subdirectories with events.jsonl or summary.json, except attempts moved aside (`<run>.failed-<n>`)."""
+    """Subdirectories with events.jsonl or summary.json, except attempts moved aside (`<run>.failed-<n>`)
+    and an interrupted copy of a reused run (`<run>.copying`, plan.py)."""
     return sorted(p for p in experiment_dir.iterdir()
                   if p.is_dir() and not _FAILED_DIR.search(p.name)
                   and (RunDir(p).events.exists() or RunDir(p).summary.exists()))

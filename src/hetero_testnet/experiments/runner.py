@@ -16,10 +16,11 @@ change what is trained); its `lr_schedule` is left exactly as it was. A run ther
 50 of 100 steps, so a 64-step run stops 14 steps into the cosine decay, as the reference's did).
 `testnet start --total-steps` is deliberately not used: it moves the schedule's horizon too.
 
-Resuming. Running the same file again skips every run whose `summary.json` says `finished`; a run
-directory without one (failed, interrupted, killed) is moved aside to `<run>.failed-<n>` (nothing is
-deleted) and the run starts afresh. A finished run recorded with a different specification (tiers,
-seed, steps, config) is an error, not a silent skip. Every attempt is appended to
+Resuming (plan.py). Running the same file again skips every run whose `summary.json` says `finished`;
+a run directory without one (failed, interrupted, killed) is moved aside to `<run>.failed-<n>` (nothing
+is deleted) and the run starts afresh. A finished run recorded with a different specification (tiers,
+seed, steps, config) is an error, not a silent skip. A configuration with `reuse: OTHER` copies the
+finished runs of experiment OTHER instead of running them, when they match exactly. Every attempt is appended to
 `<logs-dir>/<experiment>/runs.jsonl`; a failed run is recorded there and the matrix goes on.
 
 Failure semantics of `ExperimentRunner.run`:
@@ -37,7 +38,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -52,15 +52,16 @@ from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import Event, EventTail
 from hetero_testnet.run.processes import last_error_line, spawn_supervised, stop
 from hetero_testnet.rundir import RunDir, append_jsonl, read_json_or_none, write_json_atomic
+from hetero_testnet.experiments.derived import (build_derived_config, config_fingerprint, configuration_config,
+                                               derived_config_name, has_own_config, run_identity)
+from hetero_testnet.experiments.plan import (PlannedAction, check_reusable, copy_reused_run, move_aside,
+                                            plan_actions, read_summary)
 from hetero_testnet.experiments.spec import (DEADLINE_FIELDS, DERIVED_CONFIG_FILE, MANIFEST_FILE, RUN_SPEC_FILE,
-                                            RUNS_LOG_FILE, ExperimentSpec, PlannedRun, build_derived_config,
-                                            config_fingerprint, derived_config_name, expand, run_identity,
-                                            with_global_batch)
+                                            RUNS_LOG_FILE, Configuration, ExperimentSpec, PlannedRun, expand)
 
 RUNNER_OUTPUT_FILE = "runner.out"
 LOCK_FILE = ".runner.lock"
 
-_FAILED_DIR = re.compile(r"^(?P<run>.+)\.failed-(?P<n>\d+)$")
 GRACE_AFTER_TIMEOUT_S = 120.0
 SIGINT_WAIT_S = 60.0
 SIGTERM_WAIT_S = 30.0
@@ -89,58 +90,6 @@ def start_command(run: PlannedRun, *, config_path: Path, experiment_dir: Path, r
     if threads is not None:
         cmd += ["--threads", str(threads)]
     return cmd
-
-
-# --------------------------------------------------------------------------- planning
-
-@dataclass(frozen=True, slots=True)
-class PlannedAction:
-    run: PlannedRun
-    action: str
-    """`run` (new), `rerun` (an unfinished directory is moved aside first) or `skip` (finished)."""
-    detail: str = ""
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    data = read_json_or_none(RunDir(run_dir).summary)
-    return data if isinstance(data, dict) else None
-
-
-def plan_actions(runs: Sequence[PlannedRun], experiment_dir: Path,
-                 fingerprint: str | Mapping[str, str]) -> list[PlannedAction]:
-    """Decide per run: skip (finished, same spec), rerun (unfinished dir) or run (no dir).
-    `fingerprint`: the derived config's, or per configuration label.
-
-    Raises ConfigError when a finished run was made with another specification."""
-    actions = []
-    for r in runs:
-        d = experiment_dir / r.name
-        if not d.exists():
-            actions.append(PlannedAction(r, "run"))
-            continue
-        summary = read_summary(d)
-        if summary is not None and summary.get("status") == "finished":
-            recorded = read_json_or_none(d / RUN_SPEC_FILE)
-            wanted = run_identity(r, fingerprint if isinstance(fingerprint, str) else fingerprint[r.label])
-            if recorded is not None and recorded != wanted:
-                changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
-                raise ConfigError(f"run {r.name} in {experiment_dir} finished with a different specification "
-                                  f"({', '.join(changed)} changed)",
-                                  hint="use another --logs-dir, or move that run directory away to redo it")
-            actions.append(PlannedAction(r, "skip", "finished"))
-        else:
-            status = summary.get("status") if summary else "no summary.json"
-            actions.append(PlannedAction(r, "rerun", f"previous attempt: {status}"))
-    return actions
-
-
-def move_aside(run_dir: Path) -> Path:
-    """Rename an unfinished run directory to `<run>.failed-<n>` (n = 1 + the highest in use)."""
-    used = [int(m.group("n")) for p in run_dir.parent.iterdir()
-            if (m := _FAILED_DIR.match(p.name)) and m.group("run") == run_dir.name]
-    target = run_dir.with_name(f"{run_dir.name}.failed-{max(used, default=0) + 1}")
-    run_dir.rename(target)
-    return target
 
 
 # --------------------------------------------------------------------------- running
@@ -192,23 +141,24 @@ class ExperimentRunner:
         cfg = build_derived_config(self.spec)
         fingerprint = config_fingerprint(cfg)
         runs = expand(self.spec, self.only)
-        return cfg, fingerprint, plan_actions(runs, self.experiment_dir, self.fingerprints(cfg))
+        return cfg, fingerprint, plan_actions(self.spec, runs, self.experiment_dir, self.fingerprints(cfg))
 
     def label_configs(self, cfg: RunConfig) -> dict[str, RunConfig]:
-        """Per configuration label its run config: the derived one, with its own global batch if set."""
-        return {c.label: with_global_batch(cfg, c.global_batch) for c in self.spec.configurations}
+        """Per configuration label its run config: the derived one with the configuration's own global
+        batch, device profiles and sync settings (derived.py). Raises ConfigError on a bad one."""
+        return {c.label: configuration_config(cfg, c) for c in self.spec.configurations}
 
     def fingerprints(self, cfg: RunConfig) -> dict[str, str]:
         return {label: config_fingerprint(c) for label, c in self.label_configs(cfg).items()}
 
     def config_path(self, label: str) -> Path:
         """The derived config file a configuration's runs start from."""
-        own = self.spec.configuration(label).global_batch is not None
+        own = has_own_config(self.spec.configuration(label))
         return self.experiment_dir / derived_config_name(label if own else None)
 
     def commands(self, actions: Sequence[PlannedAction]) -> list[list[str]]:
         """The commands a real run would execute (for --dry-run)."""
-        return [self._command(a.run, self.config_path(a.run.label)) for a in actions if a.action != "skip"]
+        return [self._command(a.run, self.config_path(a.run.label)) for a in actions if a.action not in ("skip", "reuse")]
 
     def run(self) -> list[RunOutcome]:
         """Execute the plan. Returns one outcome per planned run (skips included); raises
@@ -222,21 +172,21 @@ class ExperimentRunner:
                       f"{'' if self.spec.eval_every is None else f', eval_every={self.spec.eval_every}'}; "
                       "lr_schedule unchanged")
             (exp / DERIVED_CONFIG_FILE).write_text(header + "\n" + dump_yaml(cfg.to_dict()))
+            own_configs = self.label_configs(cfg)
             for c in self.spec.configurations:
-                if c.global_batch is not None:
+                if has_own_config(c):
                     self.config_path(c.label).write_text(
-                        f"{header}; global batch {c.global_batch} (configuration {c.label})\n"
-                        + dump_yaml(with_global_batch(cfg, c.global_batch).to_dict()))
+                        f"{header}; {_own_settings(c)} (configuration {c.label})\n"
+                        + dump_yaml(own_configs[c.label].to_dict()))
             fingerprints = self.fingerprints(cfg)
             write_manifest(self.spec, exp, cfg, fingerprint)
             self.observer.planned(actions)
             outcomes: list[RunOutcome] = []
-            to_run = [a for a in actions if a.action != "skip"]
+            to_run = [a for a in actions if a.action not in ("skip", "reuse")]
             index = 0
             for a in actions:
-                if a.action == "skip":
-                    outcome = RunOutcome(a.run, "skipped", None, "finished earlier", 0.0, exp / a.run.name)
-                    outcomes.append(outcome)
+                if a.action in ("skip", "reuse"):
+                    outcomes.append(self._take_finished(a, fingerprints[a.run.label]))
                     continue
                 index += 1
                 outcome = self._run_one(a, self.config_path(a.run.label), fingerprints[a.run.label], index,
@@ -248,6 +198,26 @@ class ExperimentRunner:
             return outcomes
 
     # ---------------------------------------------------------------- one run
+    def _take_finished(self, action: PlannedAction, fingerprint: str) -> RunOutcome:
+        """A run that needs no running: finished here earlier, or copied from another experiment (checked
+        again now: a run still going there when the plan was made is `failed` here, for the next try)."""
+        run_dir = self.experiment_dir / action.run.name
+        if action.action == "skip":
+            return RunOutcome(action.run, "skipped", None, "finished earlier", 0.0, run_dir)
+        assert action.source is not None
+        reuse = self.spec.configuration(action.run.label).reuse or ""
+        try:
+            check_reusable(action.source, run_identity(action.run, fingerprint),
+                           action.run.name, reuse)
+        except ConfigError as e:
+            _log_attempt(self.experiment_dir / RUNS_LOG_FILE, {"event": "not_reused", "run": action.run.name,
+                                                               "reason": str(e)})
+            return RunOutcome(action.run, "failed", None, str(e), 0.0, run_dir)
+        copy_reused_run(action.source, run_dir)
+        _log_attempt(self.experiment_dir / RUNS_LOG_FILE, {"event": "reused", "run": action.run.name,
+                                                           "from": str(action.source)})
+        return RunOutcome(action.run, "reused", None, action.detail, 0.0, run_dir)
+
     def _command(self, run: PlannedRun, config_path: Path) -> list[str]:
         cmd = start_command(run, config_path=config_path, experiment_dir=self.experiment_dir,
                             run_timeout_s=self.spec.run_timeout_s, threads=self.spec.threads)
@@ -353,16 +323,39 @@ def write_manifest(spec: ExperimentSpec, experiment_dir: Path, cfg: RunConfig, f
         "lr_schedule": dataclasses.asdict(cfg.lr_schedule), "seeds": list(spec.seeds),
         "run_timeout_s": spec.run_timeout_s,
         "report": dataclasses.asdict(spec.report),
-        "configurations": [{"label": c.label, "tiers": list(c.tiers), "helper_fractions": list(c.helper_fractions),
-                            "sync": c.sync, "seeds": list(c.seeds),
-                            **({} if c.global_batch is None else {"global_batch": c.global_batch,
-                                                                  "derived_config": derived_config_name(c.label)})}
-                           for c in spec.configurations],
+        "configurations": [_manifest_configuration(c) for c in spec.configurations],
         "runs": [r.to_dict() for r in expand(spec)],
     }
     if spec.analysis is not None:
         manifest["analysis"] = spec.analysis.to_dict()
     write_json_atomic(experiment_dir / MANIFEST_FILE, manifest)
+
+
+def _manifest_configuration(c: Configuration) -> dict[str, Any]:
+    """A configuration as experiment.json records it (optional fields only when set)."""
+    d: dict[str, Any] = {"label": c.label, "tiers": list(c.tiers), "helper_fractions": list(c.helper_fractions),
+                         "sync": c.sync, "seeds": list(c.seeds)}
+    if c.global_batch is not None:
+        d["global_batch"] = c.global_batch
+    if c.devices:
+        d["devices"] = list(c.devices)
+    if c.sync_settings:
+        d["sync_settings"] = dict(c.sync_settings)
+    if c.reuse is not None:
+        d["reuse"] = c.reuse
+    if has_own_config(c):
+        d["derived_config"] = derived_config_name(c.label)
+    return d
+
+
+def _own_settings(c: Configuration) -> str:
+    """`global batch 13, devices local,laptop` for the header of a configuration's own config file."""
+    parts = [] if c.global_batch is None else [f"global batch {c.global_batch}"]
+    if c.devices:
+        parts.append(f"devices {','.join(c.devices)}")
+    if c.sync_settings:
+        parts.append(f"sync {c.sync} " + ", ".join(f"{k}={v}" for k, v in sorted(c.sync_settings.items())))
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- helpers

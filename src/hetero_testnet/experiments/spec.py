@@ -9,22 +9,18 @@ pre-registered `analysis:` (prereg.py).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import hashlib
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hetero_testnet.config import DIRECTORY_NAME, RunConfig, load_run_config
+from hetero_testnet.config import DIRECTORY_NAME, SYNC_MODES, load_run_config
 from hetero_testnet.errors import ConfigError
 from hetero_testnet.experiments.prereg import Analysis, parse_analysis
 
-SYNC_MODES = ("allreduce", "none")
 # Files of an experiment directory (<logs-dir>/<name>/) that runner.py writes and the report reads.
 # Named here, beside the spec both import, so the report needs nothing of the runner (which needs run/).
 MANIFEST_FILE = "experiment.json"
@@ -82,7 +78,17 @@ class Configuration:
     seeds: tuple[int, ...]
     global_batch: int | None = None
     """Sequences per step for this configuration (config.global_batch_size_start/end); None keeps the
-    base config's. Runs of such a configuration get their own derived config file."""
+    base config's. Runs of such a configuration get their own derived config file (derived.py)."""
+    devices: tuple[str, ...] = ()
+    """Device profile of each client (config `devices.clients`, cycling; presets or the base config's
+    own profiles); () keeps the base config's."""
+    sync_settings: Mapping[str, Any] = field(default_factory=dict)
+    """Settings of the sync mode (config `sync.demo` or `sync.diloco`, e.g. {inner_steps: 16}); only for
+    demo and diloco."""
+    reuse: str | None = None
+    """Name of another experiment (a sibling under the same --logs-dir) whose finished runs of this
+    label are taken instead of run again, when their identity (tiers, seed, steps, batch, config
+    fingerprint) is exactly this configuration's: a reference arm shared by two tables."""
 
     @property
     def num_clients(self) -> int:
@@ -182,6 +188,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     analysis = None if raw_analysis is None else \
         parse_analysis(raw_analysis, f"{where}: analysis", {c.label for c in configurations})
     _no_leftovers(top, where)
+    for c in configurations:
+        _require(c.reuse != name, f"{where}: configuration {c.label!r} reuses its own experiment {name!r}")
     if report.baseline is not None and report.baseline not in [c.label for c in configurations]:
         raise ConfigError(f"{where}: report.baseline {report.baseline!r} is not a configuration label",
                           hint=f"labels: {', '.join(c.label for c in configurations)}")
@@ -289,9 +297,19 @@ def _configuration(item: Any, index: int, default_seeds: tuple[int, ...], where:
     global_batch = _take(d, "global_batch", int, where, None)
     _require(global_batch is None or global_batch >= len(tiers),
              f"{where}: global_batch must be >= the number of clients ({len(tiers)}), got {global_batch}")
+    devices = _take(d, "devices", list, where, [])
+    _require(all(isinstance(n, str) and n for n in devices),
+             f"{where}: devices must be a list of device profile names (got {devices!r})")
+    sync_settings = _take(d, "sync_settings", dict, where, {})
+    _require(not sync_settings or sync in ("demo", "diloco"),
+             f"{where}: sync_settings are for sync demo or diloco (this configuration's sync is {sync})")
+    reuse = _take(d, "reuse", str, where, None)
+    _require(reuse is None or bool(DIRECTORY_NAME.match(reuse)),
+             f"{where}: reuse must name another experiment (got {reuse!r})")
     _no_leftovers(d, where)
     return Configuration(label=label, tiers=tuple(tiers), helper_fractions=per_client, sync=sync, seeds=seeds,
-                         global_batch=global_batch)
+                         global_batch=global_batch, devices=tuple(devices), sync_settings=dict(sync_settings),
+                         reuse=reuse)
 
 
 def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
@@ -309,44 +327,6 @@ def expand(spec: ExperimentSpec, only: Sequence[str] = ()) -> list[PlannedRun]:
             raise ConfigError(f"--only {' '.join(only)} matches no run of experiment {spec.name}",
                               hint="run names are <label>-seed<seed>; see --dry-run without --only")
     return runs
-
-
-def build_derived_config(spec: ExperimentSpec) -> RunConfig:
-    """The base config with `total_steps = steps`, eval_every and deadlines set; the LR schedule untouched."""
-    cfg = load_run_config(spec.base_config)
-    cfg = cfg.replace(timing=dataclasses.replace(cfg.timing, total_steps=spec.steps, **spec.deadlines))
-    if spec.eval_every is not None:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_every=spec.eval_every))
-    if spec.eval_tiers:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, eval_tiers=spec.eval_tiers))
-    return cfg
-
-
-def with_global_batch(cfg: RunConfig, global_batch: int | None) -> RunConfig:
-    """`cfg` with a constant global batch of `global_batch` sequences (None: unchanged)."""
-    if global_batch is None:
-        return cfg
-    return cfg.replace(timing=dataclasses.replace(cfg.timing, global_batch_size_start=global_batch,
-                                                  global_batch_size_end=global_batch))
-
-
-def derived_config_name(label: str | None) -> str:
-    """The derived config file of a configuration with its own global batch (None: the shared one)."""
-    return DERIVED_CONFIG_FILE if label is None else f"experiment-config-{label}.yaml"
-
-
-def config_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything in the config that changes results (data paths excluded, so a moved
-    checkout still recognises its finished runs)."""
-    d = cfg.to_dict()
-    d["model"]["LLM"].pop("data_location", None)
-    d["validation"].pop("data_location", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_identity(run: PlannedRun, fingerprint: str) -> dict[str, Any]:
-    """What a finished run must match to be reused on resume."""
-    return {**run.to_dict(), "config_fingerprint": fingerprint}
 
 
 def _seeds(values: Any, where: str) -> tuple[int, ...]:
