@@ -405,3 +405,17 @@ def test_runs_that_measured_capacity_add_a_section_and_a_time_to_loss_plot(exper
     assert "| 2 | 1 | laptop (0.5) | 0.500 " in md
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["utilisation"] == 0.6 and run["capacity_by_client"]["2"]["profile"] == "laptop"
+
+
+@pytest.mark.parametrize("data_seeds, needle", [
+    ([1, 2], "the seed sets both"),                       # runs since seeds vary the data order
+    ([None, None], "the seed does not change the data order"),   # older runs (tier-mix) keep their text
+    ([1, 7], "not every run's data seed equals its seed"),       # --data-seed set apart from the seed
+])
+def test_the_paired_section_says_what_a_seed_shares(data_seeds, needle) -> None:
+    from types import SimpleNamespace
+
+    from hetero_testnet.experiments.render import _pairing_sentence
+
+    runs = [SimpleNamespace(finished=True, seed=s, data_seed=d) for s, d in zip((1, 2), data_seeds)]
+    assert needle in _pairing_sentence(SimpleNamespace(runs=runs))

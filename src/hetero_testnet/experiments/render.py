@@ -141,12 +141,7 @@ def _paired(report: Report) -> list[str]:
     seeds = sorted(base_by_seed)
     k = sum(1 for cp in pairs.values() if cp.applicable)
     lines = [f"## Exploratory: paired by seed, validation loss, tier 0 (full model), vs `{report.baseline}`", "",
-             "Runs with the same seed start from the same initial weights; in this tool every run also trains on "
-             "the same global batches in the same order whatever its seed (the seed does not change the data "
-             "order), so the seed pairs them and a paired t-test on the per-seed differences removes the "
-             "initialisation variation both runs share. The intervals therefore show initialisation noise only. "
-             "With n − 1 degrees of freedom the test rests on very few pairs.",
-             ""]
+             _pairing_sentence(report) + " With n − 1 degrees of freedom the test rests on very few pairs.", ""]
     header = ["configuration", *(f"Δ seed {s}" for s in seeds), "pairs", "mean Δ", "95% CI of mean Δ",
               "`p` (paired t)", f"`p_holm` (k={k})", f"`significant` (`p_holm` < {ALPHA})"]
     rows = []
@@ -158,6 +153,25 @@ def _paired(report: Report) -> list[str]:
         rows.append([f"`{label}`", *deltas, str(cp.n_x), fmt(cp.diff, signed=True), _ci(cp), fmt_p(cp.p),
                      fmt_p(holm_p), _mark(significance_word(cp, holm_p), cp)])
     return lines + md_table(header, rows) + [""]
+
+
+def _pairing_sentence(report: Report) -> str:
+    """What a seed shares between two runs: the initial weights, and the data order where the runs
+    recorded a data seed equal to their seed (every run since seeds vary it; none before)."""
+    runs = [r for r in report.runs if r.finished]
+    if any(r.data_seed is not None and r.data_seed != r.seed for r in runs):
+        return ("Runs with the same seed start from the same initial weights; not every run's data seed equals "
+                "its seed (`data_seed` in results.json), so a pair does not always share the data order. A "
+                "paired t-test on the per-seed differences removes the initialisation variation both runs share.")
+    if runs and all(r.data_seed is not None for r in runs):
+        return ("Runs with the same seed start from the same initial weights and train on the same samples in "
+                "the same order (the seed sets both; each run's `data_seed` is in results.json), so the seed "
+                "pairs them and a paired t-test on the per-seed differences removes the variation of "
+                "initialisation and data order both runs share. The intervals show both kinds of variation.")
+    return ("Runs with the same seed start from the same initial weights; in this tool every run also trains on "
+            "the same global batches in the same order whatever its seed (the seed does not change the data "
+            "order), so the seed pairs them and a paired t-test on the per-seed differences removes the "
+            "initialisation variation both runs share. The intervals therefore show initialisation noise only.")
 
 
 def _health(report: Report) -> list[str]:

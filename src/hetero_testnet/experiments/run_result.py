@@ -41,8 +41,7 @@ class RunResult:
     helper_fractions: list[float]
     sync: str
     status: str
-    """finished | failed | interrupted (from summary.json), or partial (no summary.json: the run was
-    killed, or is still running)."""
+    """finished | failed | interrupted (summary.json), or partial (no summary.json: killed, or running)."""
     reason: str
     steps_completed: int
     total_steps: int | None
@@ -81,14 +80,15 @@ class RunResult:
     """client id -> its `profile` name, `idle_share`, `emulated_s`, `wait_s`, `bytes_sent_per_step` (summary.json)."""
     cost_curve: list[dict[str, Any]] = field(default_factory=list)
     """summary.json's `val_curve`: each validation with the wall time, tokens and FLOPs spent by then."""
+    data_seed: int | None = None
+    """summary.json's seed of the data order (None for runs from before seeds varied it)."""
 
     @property
     def finished(self) -> bool:
         return self.status == "finished"
 
     def metric(self, key: str) -> float | None:
-        """`val_loss_tier<t>`, `train_loss_tier<t>`, `val_loss_widest`, `steps_completed`, `wall_time_s`,
-        `train_tokens_per_sec`."""
+        """`val_loss_tier<t>`, `train_loss_tier<t>`, `val_loss_widest`, or any numeric field by name."""
         if key == WIDEST_METRIC:
             return self.val_loss_by_tier.get(self.widest_tier)
         if m := re.fullmatch(r"(val|train)_loss_tier(\d+)", key):
@@ -124,7 +124,7 @@ class RunResult:
             **({"utilisation": json_number(self.utilisation), "flops_trained": json_number(self.flops_trained),
                 "capacity_by_client": {str(c): v for c, v in self.capacity_by_client.items()}}
                if self.utilisation is not None else {}),
-        }
+            **({"data_seed": self.data_seed} if self.data_seed is not None else {})}
 
 
 def load_run(run_dir: Path, *, last_k: int = DEFAULT_REPORT.last_k,
@@ -156,7 +156,7 @@ def load_run(run_dir: Path, *, last_k: int = DEFAULT_REPORT.last_k,
         **_health(fold, grad_norm_threshold)._asdict(),
         **_client_outcome(summary, fold.client_tiers)._asdict(),
         client_drops=fold.client_drops, steps_discarded=fold.steps_discarded,
-        val_curve=val_curve, train_curve=_train_curve(fold), **_capacity(summary))
+        val_curve=val_curve, train_curve=_train_curve(fold), **_capacity(summary), data_seed=summary.get("data_seed"))
 
 
 # --------------------------------------------------------------------------- the fold

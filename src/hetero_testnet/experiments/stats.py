@@ -13,9 +13,9 @@ three seeds a resampling distribution has at most ten distinct means and its int
 trustworthy.
 
 When runs with the same seed share everything but the configuration (in this tool: the same
-initial weights and the same global batches in the same order), `paired` compares them seed by
-seed: a one-sample t-test on the per-seed differences, which removes the seed-to-seed variation
-both runs share. It needs n >= 2 common seeds.
+initial weights and the same samples in the same order, both set by the seed), `paired` compares
+them seed by seed: a one-sample t-test on the per-seed differences, which removes the seed-to-seed
+variation both runs share. It needs n >= 2 common seeds.
 
 `holm` adjusts a family of p-values for multiple comparisons (Holm 1979), so a report can say
 which differences survive having looked at several configurations at once.
