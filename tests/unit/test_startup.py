@@ -68,6 +68,18 @@ def test_the_first_wait_of_a_launched_run_counts_from_the_first_connection():
     assert took >= 0.6 and len(members.ready()) == 2
 
 
+def test_a_launched_run_waits_for_every_expected_client_not_only_the_extra_time():
+    # the launcher starts the first clients, then the rest once the coordinator is ready: under load the
+    # later ones connect seconds after the first, and a run that began with one client re-formed twice
+    inbox, members = _inbox([0.0, 0.4, 0.45])
+    took = _wait(inbox, need=1, expected=3, first=True, timeout_s=0.6, extra_time_s=0.1)
+    assert took >= 0.4 and len(members.ready()) == 3
+    # a client that never comes: after timeout_s without an arrival the run starts with those that came
+    inbox, members = _inbox([0.0, 0.1])
+    took = _wait(inbox, need=1, expected=3, first=True, timeout_s=0.3, extra_time_s=0.05)
+    assert 0.35 <= took < 1.5 and len(members.ready()) == 2
+
+
 def test_members_arriving_keep_a_wait_alive_and_silence_ends_it():
     inbox, members = _inbox([0.15, 0.3, 0.45])  # each within the timeout of the one before
     _wait(inbox, need=3, expected=0, first=False, timeout_s=0.2)

@@ -133,8 +133,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ phases
     async def wait_for_members(self) -> None:
-        """WaitingForMembers: the first time, the expected clients (or enough plus the extra time);
-        later, `min_clients`. Raises RunAborted after `waiting_for_members_timeout` with too few."""
+        """WaitingForMembers: the first time, every expected client (a launched run) or enough plus the
+        extra time; later, `min_clients`. Raises RunAborted after `waiting_for_members_timeout` with too few."""
         self.set_state(RunState.WAITING_FOR_MEMBERS)
         first = self.totals.generation < 0
         await self.inbox.wait_for_members(need=self.init_min_clients if first else self.min_clients,

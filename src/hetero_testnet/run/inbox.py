@@ -181,8 +181,11 @@ class Inbox:
         they joined: a restarted client builds its model before it is `Ready`). The first wait of a
         launched run (`expected`) starts its clock at the first connection: its clients may take
         long to start (32 importing torch on 2 cores: about a minute), and the launcher fails the
-        run when they all exit before joining.
+        run when they all exit before joining. It waits for every expected client, never only the
+        extra time (the launcher starts them in waves, the later ones seconds after the first):
+        only `timeout_s` without one arriving starts the run with the `need` or more that came.
         """
+        launched = first and expected > 0
         deadline = time.monotonic() + timeout_s
         enough_since: float | None = None
         most = (0, 0)  # the most members connected, and ready, so far: more is progress
@@ -190,7 +193,7 @@ class Inbox:
             alive = len(self.membership.ready())
             if alive >= max(need, expected) and (expected or not first):
                 return
-            if alive >= need:
+            if alive >= need and not launched:
                 enough_since = enough_since or time.monotonic()
                 if time.monotonic() - enough_since >= extra_time_s:
                     return
@@ -203,6 +206,8 @@ class Inbox:
             if counts[0] > most[0] or counts[1] > most[1] or (first and expected and not counts[0]):
                 deadline = max(deadline, now + timeout_s)
             most = (max(most[0], counts[0]), max(most[1], counts[1]))
+            if item is None and now >= deadline and launched and alive >= need:
+                return  # the expected clients that came; the others may still join a later generation
             coming = [m for m in self.membership.alive() if not m.ready and now - m.joined_at < setup_s]
             if item is None and now >= deadline and alive + len(coming) >= need:
                 deadline = min(m.joined_at for m in coming) + setup_s  # give them their setup time
