@@ -15,5 +15,6 @@ for run in "$src"/*/; do
   mkdir -p "$dst/runs/$name"
   cp "$run"/{summary.json,events.jsonl,config.yaml,coordinator.log,experiment-run.json} "$dst/runs/$name/"
   cp "$run"/client-*.log "$dst/runs/$name/"
+  if [[ -f "$run/reused-from.txt" ]]; then cp "$run/reused-from.txt" "$dst/runs/$name/"; fi  # a run of another experiment
 done
 "$(dirname "$0")/../.venv/bin/testnet" experiment report "$dst/runs" --out "$dst"
