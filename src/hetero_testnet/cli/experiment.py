@@ -105,8 +105,10 @@ def run(
     """Run every (configuration, seed) of an experiment, one at a time; resumable.
 
     Finished runs are skipped; an unfinished run directory is moved aside to <run>.failed-<n> and the
-    run starts afresh. A failed run is recorded in runs.jsonl and the matrix goes on; the command
-    exits 1 if any run did not finish (rerun it to retry those).
+    run starts afresh. A configuration with `reuse: OTHER` copies experiment OTHER's finished runs
+    (same --logs-dir) when they were made exactly alike, instead of running them. A failed run is
+    recorded in runs.jsonl and the matrix goes on; the command exits 1 if any run did not finish
+    (rerun it to retry those).
     """
     from hetero_testnet.experiments.spec import load_experiment
     from hetero_testnet.experiments.runner import ExperimentRunner
