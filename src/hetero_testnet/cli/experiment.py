@@ -151,8 +151,8 @@ def report_cmd(
                                              "(unigram, bigram, untrained model) from the runs' config and data.")]
         = True,
 ) -> None:
-    """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff, and
-    primary_diff for a pre-registered analysis)."""
+    """Write results.md, results.csv, results.json and the plots (val_loss, train_loss, val_loss_diff,
+    time_to_loss, and primary_diff for a pre-registered analysis)."""
     from hetero_testnet.experiments.report import build_report
     from hetero_testnet.experiments.export import write_report
 
