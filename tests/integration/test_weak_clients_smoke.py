@@ -48,8 +48,8 @@ FAKE = textwrap.dedent('''
         for t in sorted({0, 2, *tiers}):
             # tiers a mix never trained are bad; seed noise differs per arm so paired tests have spread
             untrained = 1.0 if t < min(tiers) else 0.0
-            ev("eval", 2, 1, tier=t, val_loss=9.0 + offset + 0.05 * t + untrained + 0.0003 * ((seed * sum(map(ord, label))) % 5),
-               num_samples=8)
+            noise = 0.0003 * ((seed * sum(map(ord, label))) % 5)
+            ev("eval", 2, 1, tier=t, val_loss=9.0 + offset + 0.05 * t + untrained + noise, num_samples=8)
     clients = {str(c): {"tier": t, "connected_at_end": True, "exit_code": 0, "kills": 0} for c, t in enumerate(tiers, 1)}
     json.dump({"status": "finished", "reason": "finished", "steps_completed": 2, "total_steps": 2, "sync": "allreduce",
                "wall_time_s": 1.0, "val_num_samples": 8, "clients": clients}, open(os.path.join(run_dir, "summary.json"), "w"))

@@ -20,8 +20,8 @@ Resuming (plan.py). Running the same file again skips every run whose `summary.j
 a run directory without one (failed, interrupted, killed) is moved aside to `<run>.failed-<n>` (nothing
 is deleted) and the run starts afresh. A finished run recorded with a different specification (tiers,
 seed, steps, config) is an error, not a silent skip. A configuration with `reuse: OTHER` copies the
-finished runs of experiment OTHER instead of running them, when they match exactly. Every attempt is appended to
-`<logs-dir>/<experiment>/runs.jsonl`; a failed run is recorded there and the matrix goes on.
+finished runs of experiment OTHER instead of running them, when they match exactly. Every attempt is
+appended to `<logs-dir>/<experiment>/runs.jsonl`; a failed run is recorded there and the matrix goes on.
 
 Failure semantics of `ExperimentRunner.run`:
 - a run that exits 1 (failed) or hits its timeout is recorded and the next run starts;
@@ -42,7 +42,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from hetero_testnet.config import RunConfig, dump_yaml
 from hetero_testnet.errors import ConfigError, RunFailedError
 from hetero_testnet.events import Event, EventTail
 from hetero_testnet.run.processes import last_error_line, spawn_supervised, stop
-from hetero_testnet.rundir import RunDir, append_jsonl, read_json_or_none, write_json_atomic
+from hetero_testnet.rundir import RunDir, append_jsonl, write_json_atomic
 from hetero_testnet.experiments.derived import (build_derived_config, config_fingerprint, configuration_config,
                                                derived_config_name, has_own_config, run_identity)
 from hetero_testnet.experiments.plan import (PlannedAction, check_reusable, copy_reused_run, move_aside,
@@ -158,7 +158,8 @@ class ExperimentRunner:
 
     def commands(self, actions: Sequence[PlannedAction]) -> list[list[str]]:
         """The commands a real run would execute (for --dry-run)."""
-        return [self._command(a.run, self.config_path(a.run.label)) for a in actions if a.action not in ("skip", "reuse")]
+        return [self._command(a.run, self.config_path(a.run.label)) for a in actions
+                if a.action not in ("skip", "reuse")]
 
     def run(self) -> list[RunOutcome]:
         """Execute the plan. Returns one outcome per planned run (skips included); raises
