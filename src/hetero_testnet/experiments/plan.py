@@ -46,9 +46,9 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def plan_actions(spec: ExperimentSpec, runs: Sequence[PlannedRun], experiment_dir: Path,
-                 fingerprint: str | Mapping[str, str]) -> list[PlannedAction]:
+                 fingerprints: Mapping[str, str]) -> list[PlannedAction]:
     """Decide per run: skip (finished, same spec), rerun (unfinished dir), reuse or run (no dir).
-    `fingerprint`: the derived config's, or per configuration label.
+    `fingerprints`: each configuration label's config fingerprint.
 
     A run to be reused that has not finished in its experiment yet is still planned as `reuse` (its
     detail says so): the runner checks it again when its turn comes, so a matrix can start while the
@@ -57,7 +57,7 @@ def plan_actions(spec: ExperimentSpec, runs: Sequence[PlannedRun], experiment_di
     actions = []
     for r in runs:
         d = experiment_dir / r.name
-        wanted = run_identity(r, fingerprint if isinstance(fingerprint, str) else fingerprint[r.label])
+        wanted = run_identity(r, fingerprints[r.label])
         reuse = spec.configuration(r.label).reuse
         if not d.exists():
             if reuse is None:
@@ -70,8 +70,7 @@ def plan_actions(spec: ExperimentSpec, runs: Sequence[PlannedRun], experiment_di
                 detail = f"from experiment {reuse}" + ("" if finished else ", not finished there yet")
                 actions.append(PlannedAction(r, "reuse", detail, source))
             continue
-        summary = read_summary(d)
-        if summary is not None and summary.get("status") == "finished":
+        if _is_finished(d):
             _check_finished_as(d, wanted, f"run {r.name} in {experiment_dir}",
                                hint="use another --logs-dir, or move that run directory away to redo it")
             actions.append(PlannedAction(r, "skip", "finished"))
@@ -79,6 +78,7 @@ def plan_actions(spec: ExperimentSpec, runs: Sequence[PlannedRun], experiment_di
             raise ConfigError(f"run {r.name} in {experiment_dir} is taken from experiment {reuse} but is an "
                               f"unfinished copy", hint=f"remove {d} and run again")
         else:
+            summary = read_summary(d)
             status = summary.get("status") if summary else "no summary.json"
             actions.append(PlannedAction(r, "rerun", f"previous attempt: {status}"))
     return actions

@@ -179,7 +179,7 @@ class ExperimentRunner:
                     self.config_path(c.label).write_text(
                         f"{header}; {_own_settings(c)} (configuration {c.label})\n"
                         + dump_yaml(own_configs[c.label].to_dict()))
-            fingerprints = self.fingerprints(cfg)
+            fingerprints = {label: config_fingerprint(c) for label, c in own_configs.items()}
             write_manifest(self.spec, exp, cfg, fingerprint)
             self.observer.planned(actions)
             outcomes: list[RunOutcome] = []
